@@ -71,7 +71,8 @@ class ModelSpec(_Section):
     attention_norm: Literal["group", "layer", "layer_channels", "batch"] = "group"
     # The final norm before conv_out (the originals' "BN" runs swapped it for BatchNorm2d too).
     out_norm: Literal["group", "batch"] = "group"
-    # zero_conv2: zero every resnet conv2 weight (the course's habit); xavier_normal_relu: Xavier-normal, ReLU gain.
+    # zero_conv2: zero every resnet conv2 weight (the course's habit);
+    # xavier_normal_relu: Xavier-normal with ReLU gain on those weights.
     init: Literal["default", "zero_conv2", "xavier_normal_relu"] = "zero_conv2"
     # The originals' "Conv" flag swapped LoRACompatibleConv for nn.Conv2d; current diffusers
     # already builds nn.Conv2d, so "conv2d" is checked at build time and otherwise changes nothing.
@@ -104,13 +105,19 @@ class ModelSpec(_Section):
                 )
             for name in ("attention_start", "attention_head_dim"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only the course family uses it; remove it or set family: course")
+                    raise ValueError(
+                        f"{name}: only the course family uses it; remove it or set family: course"
+                    )
         else:
             if self.blocks is not None:
-                raise ValueError("blocks: the course family places attention with attention_start, not block letters")
+                raise ValueError(
+                    "blocks: the course family places attention with attention_start, not block letters"
+                )
             for name in ("resnet_norm", "attention_norm", "out_norm", "conv"):
                 if getattr(self, name) != ModelSpec.model_fields[name].default:
-                    raise ValueError(f"{name}: the course UNet has fixed layers (pre-activation BatchNorm); leave it unset")
+                    raise ValueError(
+                        f"{name}: the course UNet has fixed layers (pre-activation BatchNorm); leave it unset"
+                    )
             if self.attention_start is None:
                 object.__setattr__(self, "attention_start", 2)
             if self.attention_head_dim is None:
@@ -180,7 +187,9 @@ class Spec(_Section):
     @classmethod
     def _safe_id(cls, v: str) -> str:
         if not SAFE_ID.match(v):
-            raise ValueError(f"{v!r} is not a safe id; expected lowercase letters, digits, '_' or '-' (max 100)")
+            raise ValueError(
+                f"{v!r} is not a safe id; expected lowercase letters, digits, '_' or '-' (max 100)"
+            )
         return v
 
     def content_hash(self) -> str:
@@ -418,4 +427,3 @@ def seed_name(spec: Spec) -> str:
         tokens.append(f"Bs{t.batch_size}")
     tokens += [f"Lr{_format_lr(t.lr)}", _format_size(d.size), f"{t.epochs}e"]
     return "_".join(tokens)
-

@@ -1,0 +1,80 @@
+"""Project commands. `nox -s run_all` runs every experiment and builds the site; `nox -s tests` tests.
+
+torch is installed first, on its own, because the build decides the download: `torch==2.13.0`
+takes the local CPU wheel on the project's CI machines and the default (CUDA) wheel from PyPI on a
+GPU machine. Override with RUNNER_TORCH (a pip requirement) and RUNNER_TORCH_INDEX (an index URL,
+e.g. https://download.pytorch.org/whl/cpu for a CPU-only build elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"  # a second run skips the multi-minute install
+nox.options.sessions = ["tests", "lint"]
+
+TORCH = os.environ.get("RUNNER_TORCH", "torch==2.13.0")
+TORCH_INDEX = os.environ.get("RUNNER_TORCH_INDEX")
+
+
+def install_project(session: nox.Session, extras: str = "") -> None:
+    index = ["--index-url", TORCH_INDEX] if TORCH_INDEX else []
+    session.install(TORCH, *index)
+    session.install("-e", f".{extras}")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (CPU, under 20 minutes on 2 cores)."""
+    install_project(session, "[test]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "runner", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def run_all(session: nox.Session) -> None:
+    """Every spec under experiments/ with a profile (default quick), then the site.
+
+    `nox -s run_all -- --profile full` runs the original scale (for a GPU).
+    """
+    install_project(session)
+    session.run("python", "-m", "runner", "run", "experiments", *session.posargs)
+    session.run("python", "-m", "runner", "site")
+
+
+@nox.session
+def run(session: nox.Session) -> None:
+    """`nox -s run -- SPEC... [--profile P] [--force]`: run chosen specs."""
+    install_project(session)
+    session.run("python", "-m", "runner", "run", *session.posargs)
+
+
+@nox.session
+def site(session: nox.Session) -> None:
+    """Render pages from existing results and build the site (no training)."""
+    install_project(session)
+    session.run("python", "-m", "runner", "site", *session.posargs)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Render pages and serve the site at http://127.0.0.1:8000 with live reload."""
+    install_project(session)
+    session.run("python", "-m", "runner", "site", "--no-build")
+    session.run("mkdocs", "serve")
+
+
+@nox.session
+def benchmarks(session: nox.Session) -> None:
+    """Print the measured ratios of the data-loading and statistics-overhead benchmarks."""
+    install_project(session)
+    session.run("python", "benchmarks/data_loading.py")
+    session.run("python", "benchmarks/stats_overhead.py")

@@ -1,0 +1,528 @@
+"""PNG charts from the files in a run folder (metrics.json, stats.npz).
+
+Every chart kind is built by one function that takes a list of runs, so a single run's chart and the
+side-by-side comparison of several runs share the same panel drawers and layout code: a single-run chart
+is just the one-run case (with module small multiples wrapped into a grid instead of one row per run).
+
+Figures are made with ``matplotlib.figure.Figure`` and an explicit Agg canvas, never with pyplot, so
+nothing leaks into pyplot's global figure list or changes the backend of a notebook that imports us.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+CHART_KINDS = ("loss", "stats", "hist", "dead")
+
+CAPTIONS = {
+    "loss": "Training loss per optimiser step (light: every batch, dark: smoothed) with validation loss "
+    "as markers at each epoch end; a dashed red line marks where training diverged.",
+    "stats": "Mean (left) and standard deviation (right) of each module's activations at every training "
+    "step; healthy layers keep stds near 1, while stds that climb steadily or explode point to instability.",
+    "hist": "The 'colorful dimension': for each module, a histogram of |activation| per step (time left to "
+    "right, small values at the bottom, brighter = more activations); a bright band stuck at the bottom "
+    "means most activations are near zero.",
+    "dead": "Share of each module's activations with |a| in the lowest histogram bin (near zero) at every "
+    "step; values creeping towards 1 mean the layer is dying or collapsing.",
+}
+
+DPI = 120
+WIDTH = 11.0  # inches: fills a laptop screen at DPI without being scaled down by the browser
+MAX_WIDTH = 30.0  # comparison grids with many module columns get wider, but not unboundedly
+WRAP = 6  # module small multiples per row in a single-run chart
+LOG_DECADES = 2.0  # switch to a log axis when the data spans more than this many decades
+DIVERGED_COLOR = "#d62728"
+HIST_RANGE = (0.0, 10.0)  # |activation| range of the stats histogram (runner.stats.HIST_RANGE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# names
+
+
+_PREFIX = re.compile(r"^(?:(?:unet|model|module|_orig_mod)\.)+")
+_REPLACEMENTS = (
+    (re.compile(r"\bdown_blocks\.(\d+)"), r"down\1"),
+    (re.compile(r"\bup_blocks\.(\d+)"), r"up\1"),
+    (re.compile(r"\bdowns\.(\d+)"), r"down\1"),  # course UNet
+    (re.compile(r"\bups\.(\d+)"), r"up\1"),
+    (re.compile(r"\bmid_block\b"), "mid"),
+    (re.compile(r"\bresnets\.(\d+)"), r"res\1"),
+    (re.compile(r"\battentions\.(\d+)"), r"attn\1"),
+    (re.compile(r"\bdownsamplers\.(\d+)"), r"dsamp\1"),
+    (re.compile(r"\bupsamplers\.(\d+)"), r"usamp\1"),
+)
+
+
+def short_name(name: str) -> str:
+    """Shorten a module path for legends and titles: ``unet.down_blocks.0.resnets.1`` -> ``down0.res1``.
+
+    ``up_blocks.N`` -> ``upN``, ``mid_block`` -> ``mid``, ``attentions.N`` -> ``attnN``; wrapper prefixes
+    (``unet.``, ``model.``, ``module.``, ``_orig_mod.``) are dropped. Unknown names are returned unchanged.
+    """
+    short = _PREFIX.sub("", name)
+    for pattern, repl in _REPLACEMENTS:
+        short = pattern.sub(repl, short)
+    return short or name
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class _Run:
+    label: str
+    metrics: dict[str, Any] | None
+    stats: dict[str, Any] | None
+
+    @property
+    def status(self) -> str:
+        return str((self.metrics or {}).get("status") or "missing")
+
+    @property
+    def diverged_at(self) -> int | None:
+        step = (self.metrics or {}).get("diverged_at_step")
+        return int(step) if isinstance(step, (int, float)) and math.isfinite(step) else None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.stats["names"]) if self.stats else []
+
+    @cached_property
+    def dead(self) -> np.ndarray:
+        """Dead share [modules, steps] (only meaningful when stats are present)."""
+        return _dead_share(self.stats["hist"]) if self.stats else np.zeros((0, 0))
+
+    def has(self, kind: str) -> bool:
+        """Whether this run has anything to draw for a chart kind."""
+        if kind == "loss":
+            if self.metrics is None:
+                return False
+            return _finite(_losses(self.metrics)).size > 0 or bool(_valid(self.metrics)[0])
+        return self.stats is not None and self.stats["mean"].shape[0] > 0 and len(self.names) > 0
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    """Load stats.npz via runner.stats when it is available; a missing or broken file gives None."""
+    if not path.is_file():
+        return None
+    try:
+        try:  # imported lazily: runner.stats pulls in torch, which chart-only users should not pay for
+            from runner.stats import load_stats
+        except ImportError:
+            load_stats = _load_npz
+        raw = load_stats(path)
+        stats = {k: np.asarray(raw[k], dtype=float) for k in ("mean", "std", "hist")}
+        stats["names"] = [str(n) for n in raw["names"]]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    return stats if _consistent(stats) else None
+
+
+def _consistent(stats: dict[str, Any]) -> bool:
+    """Shapes agree: mean/std [steps, M], hist [M, bins, steps], M names (a truncated file would not)."""
+    mean, std, hist = stats["mean"], stats["std"], stats["hist"]
+    return (mean.ndim == 2 and std.shape == mean.shape and hist.ndim == 3
+            and hist.shape[0] == mean.shape[1] == len(stats["names"]) and hist.shape[2] == mean.shape[0])
+
+
+def _load_npz(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in ("mean", "std", "hist", "names")}
+
+
+def _dead_share(hist: np.ndarray) -> np.ndarray:
+    """Share of activations in the lowest bin, [modules, steps]; NaN where a step recorded nothing."""
+    try:
+        from runner.stats import dead_share
+    except ImportError:
+        dead_share = None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if dead_share is not None:
+            return np.asarray(dead_share(hist), dtype=float)
+        return hist[:, 0, :] / hist.sum(1)
+
+
+def _load_run(run_dir: Path, label: str | None = None) -> _Run:
+    run_dir = Path(run_dir)
+    return _Run(
+        label=label or run_dir.name,
+        metrics=_read_metrics(run_dir / "metrics.json"),
+        stats=_read_stats(run_dir / "stats.npz"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# data helpers
+
+
+def _as_float(values: Sequence[Any] | None) -> np.ndarray:
+    """JSON numbers (null for non-finite) -> float array with NaN for null."""
+    return np.array([np.nan if v is None else float(v) for v in (values or [])], dtype=float)
+
+
+def _finite(a: np.ndarray) -> np.ndarray:
+    return a[np.isfinite(a)]
+
+
+def _losses(metrics: dict[str, Any]) -> np.ndarray:
+    return _as_float((metrics.get("batches") or {}).get("loss"))
+
+
+def _valid(metrics: dict[str, Any], key: str = "valid_loss") -> tuple[list[float], list[float]]:
+    """(steps, values) of an epoch-level validation series, skipping epochs without a finite value."""
+    steps, values = [], []
+    for epoch in metrics.get("epochs") or []:
+        value = epoch.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and epoch.get("step") is not None:
+            steps.append(float(epoch["step"]))
+            values.append(float(value))
+    return steps, values
+
+
+def _ema(values: np.ndarray) -> np.ndarray:
+    """Debiased exponential moving average that steps over NaNs; the span grows with run length."""
+    span = min(max(len(values) // 15, 5), 200)
+    beta = 1 - 2 / (span + 1)
+    out = np.full_like(values, np.nan)
+    avg, weight = 0.0, 0.0
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            avg, weight = beta * avg + (1 - beta) * v, beta * weight + (1 - beta)
+        if weight > 0:
+            out[i] = avg / weight
+    return out
+
+
+def _wants_log(*arrays: np.ndarray) -> bool:
+    """True when the positive finite values span more than LOG_DECADES decades."""
+    values = np.concatenate([_finite(np.ravel(a)) for a in arrays] or [np.zeros(0)])
+    values = values[values > 0]
+    return values.size > 1 and math.log10(values.max() / values.min()) > LOG_DECADES
+
+
+def _steps(n: int) -> np.ndarray:
+    # Step i of the batch arrays is optimiser step i + 1, matching the epoch-end "step" in metrics.json.
+    return np.arange(1, n + 1)
+
+
+def _module_colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    # Depth order (down -> mid -> up) maps to a continuous colormap once tab10/20 run out of colours.
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](i / max(n - 1, 1)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# panel drawers (shared by single-run and comparison charts)
+
+
+def _empty(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.45", fontsize=9,
+            wrap=True)
+    ax.set_facecolor("0.96")
+    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
+
+
+def _mark_divergence(ax: Axes, run: _Run) -> None:
+    if run.diverged_at is not None:
+        ax.axvline(run.diverged_at, color=DIVERGED_COLOR, ls="--", lw=1.2, label="diverged")
+
+
+def _draw_loss(ax: Axes, run: _Run, color: Any = None) -> None:
+    """Batch loss (light), its EMA (dark) and validation markers; color=None is the detailed one-run style."""
+    assert run.metrics is not None
+    loss = _losses(run.metrics)
+    x = _steps(len(loss))
+    single = color is None
+    ax.plot(x, loss, color=color or "C0", alpha=0.3 if single else 0.15, lw=0.8,
+            label="train (per batch)" if single else None)
+    ax.plot(x, _ema(loss), color=color or "C0", lw=1.8, label="train (smoothed)" if single else run.label)
+    for key, marker, fill, name in (("valid_loss", "o", True, "valid"),
+                                    ("valid_loss_batch_stats", "s", False, "valid (batch statistics)")):
+        steps, values = _valid(run.metrics, key)
+        if steps:
+            c = (color or ("C1" if key == "valid_loss" else "C2"))
+            ax.plot(steps, values, ls="none", marker=marker, ms=7, mec=c, mew=1.5, zorder=3,
+                    mfc=c if fill else "white", label=name if single else None)
+    if run.diverged_at is not None:
+        ax.axvline(run.diverged_at, color=color or DIVERGED_COLOR, ls="--", lw=1.2,
+                   label="diverged" if single else None)
+
+
+def _draw_module_lines(ax: Axes, run: _Run, key: str) -> None:
+    assert run.stats is not None
+    values = run.stats[key]
+    x = _steps(values.shape[0])
+    for m, (name, color) in enumerate(zip(run.names, _module_colors(len(run.names)), strict=True)):
+        ax.plot(x, values[:, m], color=color, lw=1.0, label=short_name(name))
+    _mark_divergence(ax, run)
+
+
+def _draw_hist(ax: Axes, hist: np.ndarray, vmax: float | None) -> None:
+    """imshow of log1p(counts) [bins, steps]: x = step, y = |activation| (low values at the bottom)."""
+    ax.imshow(np.log1p(np.nan_to_num(hist)), origin="lower", aspect="auto", interpolation="nearest",
+              extent=(0.5, hist.shape[1] + 0.5, *HIST_RANGE), vmin=0.0, vmax=vmax, cmap="viridis")
+
+
+def _draw_dead(ax: Axes, share: np.ndarray) -> None:
+    x = _steps(share.shape[0])
+    ax.fill_between(x, share, color="C3", alpha=0.25, lw=0)
+    ax.plot(x, share, color="C3", lw=1.2)
+    ax.set_ylim(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# layout helpers
+
+
+def _figure(nrows: int, ncols: int, panel_w: float, panel_h: float,
+            **share: Any) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout Figure on its own Agg canvas (no pyplot) with a 2-D array of axes."""
+    width = min(max(WIDTH, panel_w * ncols), MAX_WIDTH)
+    fig = Figure(figsize=(width, panel_h * nrows + 0.7), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **share)
+
+
+def _title(fig: Figure, runs: list[_Run], what: str) -> None:
+    if len(runs) == 1:
+        run = runs[0]
+        status = f"diverged at step {run.diverged_at}" if run.diverged_at is not None else run.status
+        fig.suptitle(f"{run.label} - {what} ({status})", fontsize=12)
+    else:
+        fig.suptitle(f"{what}: " + ", ".join(r.label for r in runs), fontsize=12)
+
+
+def _missing(run: _Run, what: str) -> str:
+    return f"{run.label}\nno {what}: {run.status}"
+
+
+def _fix_outer_labels(axes: np.ndarray, drawn: np.ndarray) -> None:
+    """Shared-x subplots only label the bottom row; relabel the lowest drawn panel of each column and
+    remove panels that hold nothing, so gaps in a ragged grid do not swallow the tick labels."""
+    for col in range(axes.shape[1]):
+        rows = np.flatnonzero(drawn[:, col])
+        if rows.size:
+            axes[rows[-1], col].tick_params(labelbottom=True)
+    for ax, used in zip(axes.flat, drawn.flat, strict=True):
+        if not used and not ax.texts:  # annotated empty panels stay visible
+            ax.remove()
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write the PNG atomically (temp file in the same folder, then os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# chart builders: each takes one or more runs (one run = the single-run chart)
+
+
+def _loss_chart(runs: list[_Run]) -> Figure:
+    # Comparisons overlay all runs on one panel rather than one panel per run: loss gaps of a few percent
+    # (the usual difference between variants) are only visible when the curves lie on top of each other.
+    # The per-batch loss is drawn faint so the smoothed lines stay readable with several runs.
+    fig, axes = _figure(1, 1, WIDTH, 5.0)
+    ax = axes[0, 0]
+    drawable = [r for r in runs if r.has("loss")]
+    if not drawable:
+        _empty(ax, "\n".join(_missing(r, "loss data") for r in runs))
+        return fig
+    for i, run in enumerate(runs):
+        if run.has("loss"):
+            _draw_loss(ax, run, None if len(runs) == 1 else f"C{i % 10}")
+    if _wants_log(*(np.r_[_losses(r.metrics), _valid(r.metrics)[1]] for r in drawable)):
+        ax.set_yscale("log")
+    ax.set(xlabel="optimiser step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    if len(runs) > 1:
+        handles += _comparison_proxies(runs)
+    ax.legend(handles=handles, fontsize=9, loc="upper right")
+    _title(fig, runs, "loss")
+    return fig
+
+
+def _comparison_proxies(runs: list[_Run]) -> list[Line2D]:
+    """Legend entries explaining marker shapes and listing runs that have no loss to draw."""
+    proxies = [
+        Line2D([], [], ls="none", marker="o", color="0.3", label="valid"),
+        Line2D([], [], ls="none", marker="s", mfc="white", mec="0.3", label="valid (batch statistics)"),
+    ]
+    if any(r.diverged_at is not None for r in runs):
+        proxies.append(Line2D([], [], ls="--", color="0.3", label="diverged"))
+    proxies += [Line2D([], [], ls="none", label=f"{r.label}: no loss data ({r.status})")
+                for r in runs if not r.has("loss")]
+    return proxies
+
+
+def _stats_chart(runs: list[_Run]) -> Figure:
+    """Rows = runs, columns = (mean, std); y shared per column so runs compare directly."""
+    fig, axes = _figure(len(runs), 2, WIDTH / 2, 4.2 if len(runs) == 1 else 3.0, sharex="all", sharey="col")
+    drawn = np.zeros(axes.shape, dtype=bool)
+    for row, run in enumerate(runs):
+        if not run.has("stats"):
+            _empty(axes[row, 0], _missing(run, "statistics"))
+            _empty(axes[row, 1], _missing(run, "statistics"))
+            continue
+        for col, key in enumerate(("mean", "std")):
+            _draw_module_lines(axes[row, col], run, key)
+            axes[row, col].grid(alpha=0.3)
+            drawn[row, col] = True
+        ncol = math.ceil(len(run.names) / 16)
+        axes[row, 1].legend(fontsize=7, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                            frameon=False)
+        if len(runs) > 1:
+            axes[row, 0].set_ylabel(run.label, fontweight="bold")
+    if _wants_log(*(r.stats["std"] for r in runs if r.has("stats"))):
+        axes[0, 1].set_yscale("log")  # shared y: applies to the whole column
+    axes[0, 0].set_title("activation mean")
+    axes[0, 1].set_title("activation std")
+    _fix_outer_labels(axes, drawn)
+    fig.supxlabel("step", fontsize=10)
+    _title(fig, runs, "activation statistics")
+    return fig
+
+
+def _module_grid(runs: list[_Run]) -> tuple[Figure, np.ndarray, list[list[tuple[_Run, int] | None]]]:
+    """Small multiples: one run wraps its modules into rows of WRAP; several runs get a row each with
+    one column per module (the same module position across runs)."""
+    if len(runs) == 1:
+        m = len(runs[0].names) or 1
+        ncols = min(m, WRAP)
+        nrows = math.ceil(m / ncols)
+        cells = [[(runs[0], r * ncols + c) if r * ncols + c < len(runs[0].names) else None
+                  for c in range(ncols)] for r in range(nrows)]
+    else:
+        ncols = max([len(r.names) for r in runs if r.has("hist")] or [1])
+        nrows = len(runs)
+        cells = [[(run, c) if run.has("hist") and c < len(run.names) else None for c in range(ncols)]
+                 for run in runs]
+    fig, axes = _figure(nrows, ncols, 1.8, 2.0 if len(runs) == 1 else 1.8, sharex="all", sharey="all")
+    return fig, axes, cells
+
+
+def _module_chart(runs: list[_Run], kind: str) -> Figure:
+    """The hist ("colorful dimension") and dead-share small multiples."""
+    fig, axes, cells = _module_grid(runs)
+    drawn = np.array([[cell is not None for cell in row] for row in cells])
+    vmax = _column_vmax(cells) if kind == "hist" else None
+    for (r, c), cell in np.ndenumerate(np.array(cells, dtype=object)):
+        ax = axes[r, c]
+        if cell is None:
+            row_run = runs[r] if len(runs) > 1 else runs[0]
+            if c == 0 and not row_run.has(kind):
+                _empty(ax, _missing(row_run, "statistics"))
+            continue
+        run, m = cell
+        if kind == "hist":
+            _draw_hist(ax, run.stats["hist"][m], vmax[c])
+        else:
+            _draw_dead(ax, run.dead[m])
+            ax.grid(alpha=0.3)
+        ax.set_title(short_name(run.names[m]), fontsize=9)
+        ax.tick_params(labelsize=7)
+    _label_module_rows(axes, runs, "|activation|" if kind == "hist" else "dead share")
+    _fix_outer_labels(axes, drawn)
+    fig.supxlabel("step", fontsize=10)
+    _title(fig, runs, "activation histograms" if kind == "hist" else "dead share (|a| in lowest bin)")
+    return fig
+
+
+def _column_vmax(cells: list[list[tuple[_Run, int] | None]]) -> list[float | None]:
+    """One colour scale per column (same module position) so brightness compares across runs."""
+    out: list[float | None] = []
+    for col in zip(*cells, strict=True):
+        peaks = [float(np.nanmax(np.log1p(run.stats["hist"][m]), initial=0.0))
+                 for run, m in filter(None, col)]
+        out.append(max(peaks) if peaks and max(peaks) > 0 else None)
+    return out
+
+
+def _label_module_rows(axes: np.ndarray, runs: list[_Run], what: str) -> None:
+    for r in range(axes.shape[0]):
+        label = what if len(runs) == 1 else f"{runs[r].label}\n{what}"
+        axes[r, 0].set_ylabel(label, fontsize=8, fontweight="normal" if len(runs) == 1 else "bold")
+
+
+_BUILDERS: dict[str, Callable[[list[_Run]], Figure]] = {
+    "loss": _loss_chart,
+    "stats": _stats_chart,
+    "hist": lambda runs: _module_chart(runs, "hist"),
+    "dead": lambda runs: _module_chart(runs, "dead"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+
+
+def run_charts(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Draw loss.png, stats.png, hist.png and dead.png into ``run_dir/charts`` from the run's
+    metrics.json and stats.npz; charts without data (failed run, no stats, zero steps) are skipped and a
+    stale PNG of a skipped kind is removed. Returns the written paths by kind."""
+    run_dir = Path(run_dir)
+    run = _load_run(run_dir)
+    written: dict[str, Path] = {}
+    for kind in CHART_KINDS:
+        path = run_dir / "charts" / f"{kind}.png"
+        if run.has(kind):
+            written[kind] = _save(_BUILDERS[kind]([run]), path)
+        else:
+            path.unlink(missing_ok=True)
+    return written
+
+
+def comparison_chart(run_dirs: Sequence[str | os.PathLike[str]], kind: str, out: str | os.PathLike[str],
+                     labels: Sequence[str] | None = None) -> Path:
+    """Draw one chart kind for several runs side by side with shared axes and write it to ``out``.
+
+    Runs missing metrics or statistics appear as annotated empty panels. ``labels`` default to the run
+    folder names.
+    """
+    if kind not in CHART_KINDS:
+        raise ValueError(f"unknown chart kind {kind!r}; expected one of {CHART_KINDS}")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    if not run_dirs:
+        raise ValueError("comparison_chart needs at least one run folder")
+    runs = [_load_run(Path(d), labels[i] if labels else None) for i, d in enumerate(run_dirs)]
+    return _save(_BUILDERS[kind](runs), Path(out))

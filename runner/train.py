@@ -1,0 +1,333 @@
+"""Training loop: one spec -> a trained model, metrics.json and the activation statistics file.
+
+The loop is the originals' (miniai Learner with DDPM-style callbacks): AdamW with OneCycleLR over
+all steps, MSE between predicted and true noise, optional mixed precision. Added for the lab:
+a fixed-noise validation set so epochs and variants are compared on the same noise, BatchNorm
+validation both with running statistics (as the originals reported) and with batch statistics,
+and a divergence guard that stops a run whose loss explodes but keeps what was recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from runner import __version__
+from runner.data import BatchLoader, load_splits
+from runner.files import write_json, write_text
+from runner.models import build
+from runner.noise import Noiser
+from runner.spec import Spec
+from runner.stats import ActivationStats
+
+# Validation noise is drawn from this seed every epoch, for every variant: same noise, comparable losses.
+VALID_NOISE_SEED = 1234
+# The "early level" of the loss is its mean over this many first steps; the divergence guard
+# compares later losses against `spec.train.divergence_factor` times that level.
+EARLY_STEPS = 10
+# On CUDA the loss is copied to the host (and checked) only every this many steps, so the GPU
+# never waits for the host; on CPU every step is checked (there is nothing to overlap).
+CUDA_CHECK_EVERY = 25
+
+
+class PrecisionError(RuntimeError):
+    """The spec asks for a numeric precision this device cannot run."""
+
+
+@dataclass(frozen=True)
+class Result:
+    status: str  # "completed" | "diverged" | "failed"
+    metrics: dict[str, Any]
+    out_dir: Path
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision, or a clear error where the device cannot run it."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise PrecisionError(
+                "precision fp16 (mixed precision with gradient scaling, as the originals ran) needs a CUDA "
+                f"device; this run is on {device}. Use precision: fp32 (or bf16) on a CPU."
+            )
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError(
+            f"precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16"
+        )
+    return torch.bfloat16
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch's statistics and leave their running statistics alone.
+
+    momentum 0 makes the running-stat update a no-op; the buffers are restored anyway, since
+    num_batches_tracked still counts.
+    """
+    bns = _batchnorms(model)
+    saved = [({k: v.clone() for k, v in m.state_dict().items()}, m.momentum) for m in bns]
+    for m in bns:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (state, momentum) in zip(bns, saved, strict=True):
+            m.load_state_dict(state)
+            m.momentum = momentum
+            m.eval()
+
+
+class DivergenceGuard:
+    """Flags the first step whose loss is non-finite or above `factor` x the early loss level."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.early: list[float] = []
+        self.level: float | None = None
+
+    def first_bad(self, losses: list[float], first_step: int) -> int | None:
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                return first_step + i
+            if self.level is None:
+                self.early.append(loss)
+                if len(self.early) == EARLY_STEPS:
+                    self.level = sum(self.early) / EARLY_STEPS
+            elif loss > self.factor * self.level:
+                return first_step + i
+        return None
+
+
+def _environment(device: torch.device, precision: str) -> dict[str, str]:
+    import diffusers
+
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    return {
+        "device": name,
+        "precision": precision,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "runner": __version__,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, noiser: Noiser, amp: torch.dtype | None) -> float:
+    """Mean MSE over the validation set, on noise drawn from VALID_NOISE_SEED."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(VALID_NOISE_SEED)
+    total, count = torch.zeros((), device=device), 0
+    for xb in loader:
+        (xt, t), noise = noiser(xb, gen)
+        with _autocast(device, amp):
+            pred = model(xt, t)
+        total += F.mse_loss(pred.float(), noise, reduction="sum")
+        count += noise.numel()
+    return total.item() / max(count, 1)
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+class _Run:
+    """State of one training run; `metrics()` is what metrics.json holds at any point."""
+
+    def __init__(self, spec: Spec, device: torch.device):
+        self.spec, self.device = spec, device
+        self.status, self.error, self.diverged_at = "running", None, None
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.grad_norms: list[float] = []
+        self.epochs: list[dict[str, Any]] = []
+        self.params = 0
+        self.steps_per_epoch = self.steps_total = 0
+        self.started = time.perf_counter()
+        self.train_seconds = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        last = self.epochs[-1] if self.epochs else {}
+        steps = len(self.losses)
+        return {
+            "id": self.spec.id,
+            "title": self.spec.title,
+            "spec_hash": self.spec.content_hash(),
+            "profile": self.spec.profile,
+            "status": self.status,
+            "diverged_at_step": self.diverged_at,
+            "error": self.error,
+            "params": self.params,
+            "steps_per_epoch": self.steps_per_epoch,
+            "steps_completed": steps,
+            "steps_total": self.steps_total,
+            "batches": {"loss": self.losses, "lr": self.lrs, "grad_norm": self.grad_norms},
+            "epochs": self.epochs,
+            "final": {k: last.get(k) for k in ("train_loss", "valid_loss", "valid_loss_batch_stats")},
+            "timings": {
+                "total_s": round(time.perf_counter() - self.started, 3),
+                "step_s": round(self.train_seconds / steps, 5) if steps else None,
+            },
+            "environment": _environment(self.device, self.spec.train.precision),
+        }
+
+
+def train(
+    spec: Spec, out_dir: str | Path, device: str | torch.device | None = None, progress: bool = True
+) -> Result:
+    """Train `spec`, writing spec.yaml, metrics.json and stats.npz into `out_dir`.
+
+    A run that diverges is stopped and recorded as such (status "diverged"); any other error is
+    recorded (status "failed", with the message) and re-raised. Statistics recorded before the
+    stop are always saved.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "spec.yaml", spec.to_yaml())
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    amp = autocast_dtype(spec.train.precision, device)  # before any work: a clear error, no fallback
+    splits = load_splits(spec.data)
+
+    torch.manual_seed(spec.train.seed)
+    model = build(spec).to(device)
+    run = _Run(spec, device)
+    run.params = sum(p.numel() for p in model.parameters())
+    stats = ActivationStats(model, modules=spec.stats.modules)
+    try:
+        with stats:
+            _loop(run, model, splits, stats, amp, progress)
+        if run.status == "running":
+            run.status = "completed"
+    except BaseException as e:
+        run.status, run.error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
+        raise
+    finally:
+        if stats.steps:
+            stats.save(out / "stats.npz")
+        metrics = run.metrics()
+        write_json(out / "metrics.json", metrics)
+    if spec.train.checkpoint == "final" and run.status == "completed":
+        torch.save(model.state_dict(), out / "checkpoint.pt")
+    return Result(run.status, metrics, out)
+
+
+def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, progress: bool) -> None:
+    spec, device = run.spec, run.device
+    t = spec.train
+    train_x, valid_x = splits.train.to(device), splits.valid.to(device)
+    loader = BatchLoader(train_x, t.batch_size, shuffle=True, seed=t.seed, drop_last=True)
+    valid_loader = BatchLoader(valid_x, t.batch_size, shuffle=False, seed=0, drop_last=False)
+    if len(loader) == 0:
+        raise ValueError(f"{spec.id}: {len(train_x)} training latents make no full batch of {t.batch_size}")
+    run.steps_per_epoch, run.steps_total = len(loader), t.epochs * len(loader)
+
+    noiser = Noiser(spec.noise, spec.model.family)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=run.steps_total)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    gen = torch.Generator(device).manual_seed(t.seed)
+    guard = DivergenceGuard(t.divergence_factor)
+    check_every = CUDA_CHECK_EVERY if device.type == "cuda" else 1
+    has_bn = bool(_batchnorms(model))
+
+    bar = tqdm(total=run.steps_total, desc=spec.id, disable=not progress, unit="step", dynamic_ncols=True)
+    pending_loss: list[torch.Tensor] = []
+    pending_gn: list[torch.Tensor] = []
+    for epoch in range(1, t.epochs + 1):
+        model.train()
+        stats.recording = True
+        first_step = len(run.losses) + len(pending_loss)
+        tic = time.perf_counter()
+        for xb in loader:
+            (xt, tt), noise = noiser(xb, gen)
+            with _autocast(device, amp):
+                pred = model(xt, tt)
+            loss = F.mse_loss(pred.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            scaler.step(opt)
+            scaler.update()
+            run.lrs.append(sched.get_last_lr()[0])
+            sched.step()
+            pending_loss.append(loss.detach())
+            pending_gn.append(grad_norm.detach())
+            bar.update()
+            if len(pending_loss) >= check_every:
+                if _flush(run, guard, pending_loss, pending_gn, bar):
+                    return
+        if pending_loss and _flush(run, guard, pending_loss, pending_gn, bar):
+            return
+        run.train_seconds += time.perf_counter() - tic
+        stats.recording = False
+        _validate(run, model, valid_loader, noiser, amp, has_bn, epoch, first_step)
+    bar.close()
+
+
+def _flush(
+    run: _Run, guard: DivergenceGuard, losses: list[torch.Tensor], gns: list[torch.Tensor], bar
+) -> bool:
+    """Copy pending per-step values to the host; True (and status diverged) if the guard fires."""
+    first = len(run.losses)
+    values = torch.stack(losses).float().cpu().tolist()
+    run.losses += values
+    run.grad_norms += torch.stack(gns).float().cpu().tolist()
+    losses.clear()
+    gns.clear()
+    bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+    bad = guard.first_bad(values, first)
+    if bad is not None:
+        run.status, run.diverged_at = "diverged", bad
+        bar.write(f"{run.spec.id}: diverged at step {bad} (loss {run.losses[bad]:.4g})")
+        bar.close()
+        return True
+    return False
+
+
+def _validate(run: _Run, model, valid_loader, noiser, amp, has_bn: bool, epoch: int, first_step: int) -> None:
+    model.eval()
+    valid = evaluate(model, valid_loader, noiser, amp)
+    valid_bs = None
+    if has_bn:
+        with batch_statistics(model):
+            valid_bs = evaluate(model, valid_loader, noiser, amp)
+    epoch_losses = [x for x in run.losses[first_step:] if math.isfinite(x)]
+    run.epochs.append(
+        {
+            "epoch": epoch,
+            "step": len(run.losses),
+            "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
+            "valid_loss": valid,
+            "valid_loss_batch_stats": valid_bs,
+        }
+    )
