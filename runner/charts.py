@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 CHART_KINDS = ("loss", "stats", "hist", "dead")
 
@@ -205,7 +206,8 @@ def _valid(metrics: dict[str, Any], key: str = "valid_loss") -> tuple[list[float
 
 
 def _ema(values: np.ndarray) -> np.ndarray:
-    """Debiased exponential moving average that steps over NaNs; the span grows with run length."""
+    """Debiased exponential moving average that steps over NaNs (left as gaps, so a non-finite loss is
+    not drawn as a plateau); the span grows with run length."""
     span = min(max(len(values) // 15, 5), 200)
     beta = 1 - 2 / (span + 1)
     out = np.full_like(values, np.nan)
@@ -213,7 +215,6 @@ def _ema(values: np.ndarray) -> np.ndarray:
     for i, v in enumerate(values):
         if np.isfinite(v):
             avg, weight = beta * avg + (1 - beta) * v, beta * weight + (1 - beta)
-        if weight > 0:
             out[i] = avg / weight
     return out
 
@@ -245,11 +246,13 @@ def _module_colors(n: int) -> list[Any]:
 # panel drawers (shared by single-run and comparison charts)
 
 
-def _empty(ax: Axes, message: str) -> None:
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.45", fontsize=9,
-            wrap=True)
+def _empty(ax: Axes, message: str, spill: bool = False) -> None:
+    """Grey panel with a message; spill=True starts the text at the left edge so it may run on into the
+    (removed) neighbouring cells of a small-multiples row instead of being squeezed into one small panel."""
+    ax.text(0.05 if spill else 0.5, 0.5, message, ha="left" if spill else "center", va="center",
+            transform=ax.transAxes, color="0.4", fontsize=9, clip_on=False)
     ax.set_facecolor("0.96")
-    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
+    ax.tick_params(which="both", left=False, bottom=False, labelleft=False, labelbottom=False)
 
 
 def _mark_divergence(ax: Axes, run: _Run) -> None:
@@ -311,6 +314,27 @@ def _figure(nrows: int, ncols: int, panel_w: float, panel_h: float,
     fig = Figure(figsize=(width, panel_h * nrows + 0.7), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False, **share)
+
+
+def _grid_figure(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[Figure, np.ndarray]:
+    """Small multiples with fixed margins in inches: constrained layout costs seconds per dozen axes,
+    and a regular grid with shared, outer-only tick labels does not need it."""
+    left, right, top, bottom, gap_w, gap_h = 0.95, 0.15, 0.65, 0.6, 0.12, 0.4
+    width = min(max(WIDTH, panel_w * ncols + left + right), MAX_WIDTH)
+    height = panel_h * nrows + top + bottom
+    axes_w = (width - left - right - gap_w * (ncols - 1)) / ncols
+    axes_h = (height - top - bottom - gap_h * (nrows - 1)) / nrows
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex="all", sharey="all", gridspec_kw=dict(
+        left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+        wspace=gap_w / axes_w, hspace=gap_h / axes_h))
+    # Shared axes share one locator: few ticks keep small panels legible and drawing fast.
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(4, integer=True))
+    axes[0, 0].yaxis.set_major_locator(MaxNLocator(5))
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
+    return fig, axes
 
 
 def _title(fig: Figure, runs: list[_Run], what: str) -> None:
@@ -376,7 +400,7 @@ def _loss_chart(runs: list[_Run]) -> Figure:
     handles, _ = ax.get_legend_handles_labels()
     if len(runs) > 1:
         handles += _comparison_proxies(runs)
-    ax.legend(handles=handles, fontsize=9, loc="upper right")
+    ax.legend(handles=handles, fontsize=9, loc="best")
     _title(fig, runs, "loss")
     return fig
 
@@ -436,7 +460,7 @@ def _module_grid(runs: list[_Run]) -> tuple[Figure, np.ndarray, list[list[tuple[
         nrows = len(runs)
         cells = [[(run, c) if run.has("hist") and c < len(run.names) else None for c in range(ncols)]
                  for run in runs]
-    fig, axes = _figure(nrows, ncols, 1.8, 2.0 if len(runs) == 1 else 1.8, sharex="all", sharey="all")
+    fig, axes = _grid_figure(nrows, ncols, 1.7 if len(runs) == 1 else 1.5, 1.9 if len(runs) == 1 else 1.7)
     return fig, axes, cells
 
 
@@ -445,12 +469,12 @@ def _module_chart(runs: list[_Run], kind: str) -> Figure:
     fig, axes, cells = _module_grid(runs)
     drawn = np.array([[cell is not None for cell in row] for row in cells])
     vmax = _column_vmax(cells) if kind == "hist" else None
-    for (r, c), cell in np.ndenumerate(np.array(cells, dtype=object)):
-        ax = axes[r, c]
+    for r, c in np.ndindex(axes.shape):
+        ax, cell = axes[r, c], cells[r][c]
         if cell is None:
             row_run = runs[r] if len(runs) > 1 else runs[0]
             if c == 0 and not row_run.has(kind):
-                _empty(ax, _missing(row_run, "statistics"))
+                _empty(ax, f"no statistics: {row_run.status}", spill=True)
             continue
         run, m = cell
         if kind == "hist":
@@ -458,8 +482,8 @@ def _module_chart(runs: list[_Run], kind: str) -> Figure:
         else:
             _draw_dead(ax, run.dead[m])
             ax.grid(alpha=0.3)
-        ax.set_title(short_name(run.names[m]), fontsize=9)
-        ax.tick_params(labelsize=7)
+        # A fixed title position skips matplotlib's per-axes title auto-placement (slow with many axes).
+        ax.set_title(short_name(run.names[m]), fontsize=9, y=1.0, pad=3)
     _label_module_rows(axes, runs, "|activation|" if kind == "hist" else "dead share")
     _fix_outer_labels(axes, drawn)
     fig.supxlabel("step", fontsize=10)

@@ -144,7 +144,7 @@ class UpBlock(nn.Module):
 
 
 class EmbUNetModel(nn.Module):
-    """The course UNet: ``nfs`` channels per level, ``num_layers`` resnets per down level (+1 per up level)."""
+    """The course UNet: ``nfs`` channels per level, ``num_layers`` resnets per down level (+1 per up one)."""
 
     def __init__(self, in_channels: int = 4, out_channels: int = 4, nfs: tuple[int, ...] = (32, 64, 64, 128),
                  num_layers: int = 2, attn_chans: int = 8, attn_start: int = 2):
@@ -158,7 +158,9 @@ class EmbUNetModel(nn.Module):
         for i in range(n):
             ni, nf = nf, nfs[i]
             attn = 0 if i < attn_start else attn_chans
-            self.downs.append(DownBlock(n_emb, ni, nf, add_down=i != n - 1, num_layers=num_layers, attn_chans=attn))
+            self.downs.append(
+                DownBlock(n_emb, ni, nf, add_down=i != n - 1, num_layers=num_layers, attn_chans=attn)
+            )
         self.mid_block = EmbResBlock(n_emb, nfs[-1])
         rev = list(reversed(nfs))
         nf = rev[0]

@@ -97,7 +97,7 @@ def load_splits(data_spec: DataSpec, root: str | Path = DATA_DIR) -> Splits:
     shift, divide = 0.0, 1.0
     if data_spec.normalize == "standardize":
         if "mean" not in stats or "std" not in stats:
-            raise DataError(f"{root / STATS_FILE}: normalize=standardize needs 'mean' and 'std' in stats.json")
+            raise DataError(f"{root / STATS_FILE}: normalize=standardize needs 'mean' and 'std'")
         shift, divide = float(stats["mean"]), float(stats["std"])
     factor = data_spec.scale / divide
 
@@ -123,7 +123,8 @@ class BatchLoader:
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
-        self.x, self.batch_size, self.shuffle, self.seed, self.drop_last = x, batch_size, shuffle, seed, drop_last
+        self.x, self.batch_size, self.shuffle, self.seed = x, batch_size, shuffle, seed
+        self.drop_last = drop_last
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -172,8 +172,10 @@ class Spec(_Section):
     id: str
     title: str = ""
     notes: str = ""
-    # The axis a variant belongs to, for grouping on the site.
+    # Where a variant appears on the site: the insight page (`group`, e.g. "architecture" or
+    # "hyperparameters") and the axis it varies there (e.g. "norm", "lr"), one table per axis.
     group: str = "other"
+    axis: str = "other"
     # Profiles whose default suite runs this spec (``nox -s run_all`` with that profile).
     suites: tuple[Literal["smoke", "quick", "full"], ...] = ("quick", "full")
     profile: str = "full"
@@ -197,6 +199,16 @@ class Spec(_Section):
         payload = self.model_dump(mode="json", include={"data", "model", "noise", "train", "stats"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def flat(self) -> dict[str, Any]:
+        """Every resolved field as "section.field" -> value, for tables on pages and in notebooks."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump(mode="json").items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -207,11 +219,12 @@ class Spec(_Section):
 # ---------------------------------------------------------------- profiles
 
 # Profiles override dataset size and epochs after inheritance; `full` keeps the spec's own
-# (original) scale. `quick` is sized for a 2-core CPU: 2000 items (1800 train) for 3 epochs is
-# 168 optimiser steps at batch 32. `smoke` is for tests: a few steps on a few latents.
+# (original) scale and precision (the originals ran fp16 on a GPU); the others train in fp32 so a
+# CPU can run them. `quick` is sized for a 2-core CPU: 1800 items (1620 train) for 3 epochs is
+# 150 optimiser steps at batch 32 (303 at batch 16). `smoke` is for tests: a few steps on a few latents.
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"size": 160}, "train": {"epochs": 1}},
-    "quick": {"data": {"size": 2000}, "train": {"epochs": 3}},
+    "smoke": {"data": {"size": 160}, "train": {"epochs": 1, "precision": "fp32"}},
+    "quick": {"data": {"size": 1800}, "train": {"epochs": 3, "precision": "fp32"}},
     "full": {},
 }
 

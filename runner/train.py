@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from runner import __version__
 from runner.data import BatchLoader, load_splits
@@ -34,8 +35,9 @@ from runner.stats import ActivationStats
 
 # Validation noise is drawn from this seed every epoch, for every variant: same noise, comparable losses.
 VALID_NOISE_SEED = 1234
-# The "early level" of the loss is its mean over this many first steps; the divergence guard
-# compares later losses against `spec.train.divergence_factor` times that level.
+# The "early level" of the loss is its lowest value over the first EARLY_STEPS steps (the lowest,
+# so that a run exploding from its second step is still measured against a sane level); later
+# losses above `spec.train.divergence_factor` times that level count as divergence.
 EARLY_STEPS = 10
 # On CUDA the loss is copied to the host (and checked) only every this many steps, so the GPU
 # never waits for the host; on CPU every step is checked (there is nothing to overlap).
@@ -107,19 +109,16 @@ class DivergenceGuard:
 
     def __init__(self, factor: float):
         self.factor = factor
-        self.early: list[float] = []
-        self.level: float | None = None
+        self.seen = 0
+        self.level = math.inf
 
     def first_bad(self, losses: list[float], first_step: int) -> int | None:
         for i, loss in enumerate(losses):
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) or (self.seen > 0 and loss > self.factor * self.level):
                 return first_step + i
-            if self.level is None:
-                self.early.append(loss)
-                if len(self.early) == EARLY_STEPS:
-                    self.level = sum(self.early) / EARLY_STEPS
-            elif loss > self.factor * self.level:
-                return first_step + i
+            if self.seen < EARLY_STEPS:
+                self.level = min(self.level, loss)
+            self.seen += 1
         return None
 
 
@@ -259,7 +258,9 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
     check_every = CUDA_CHECK_EVERY if device.type == "cuda" else 1
     has_bn = bool(_batchnorms(model))
 
-    bar = tqdm(total=run.steps_total, desc=spec.id, disable=not progress, unit="step", dynamic_ncols=True)
+    # Outside a terminal (papermill logs every refresh as a line) the bar refreshes rarely.
+    interval = 0.5 if sys.stderr.isatty() else 15.0
+    bar = tqdm(total=run.steps_total, desc=spec.id, disable=not progress, unit="step", mininterval=interval)
     pending_loss: list[torch.Tensor] = []
     pending_gn: list[torch.Tensor] = []
     for epoch in range(1, t.epochs + 1):

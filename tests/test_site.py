@@ -1,0 +1,427 @@
+"""Site pages rendered from fabricated run folders, and the real `mkdocs build --strict` over them.
+
+Golden files live in tests/golden/; after an intended change to a page, rewrite them with
+``RUNNER_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_site.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import numpy as np
+import pytest
+import yaml
+from jinja2 import UndefinedError
+from matplotlib.image import imsave
+
+from runner import site
+from runner.site import (
+    InsightPage,
+    InsightResult,
+    SiteError,
+    environment,
+    fmt_num,
+    load_runs,
+    md_text,
+    render_site,
+    safe_id,
+)
+from runner.spec import build_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+XSS = "<script>alert(1)</script>"
+KINDS = ("loss", "stats", "hist", "dead")
+
+
+# ---------------------------------------------------------------- fabricated run folders
+
+
+def _spec(run_id: str, **over):
+    raw = {"id": run_id, "title": f"Run {run_id}", "notes": "", "group": "baseline", **over}
+    return build_spec(raw, "test", profile="smoke")
+
+
+def _stats(path: Path, std_peak: float, steps: int = 6, names=("down0.res0", "up0.res0")) -> None:
+    m = len(names)
+    std = np.linspace(1.0, std_peak, steps)[:, None] * np.ones(m)
+    hist = np.zeros((m, 40, steps))
+    hist[:, 0, :], hist[:, 5, :] = 10, 30
+    np.savez_compressed(path, mean=np.zeros((steps, m)), std=std, hist=hist, names=np.array(names))
+
+
+def _notebook(path: Path, error: bool = False) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_markdown_cell("# Experiment notebook"))
+    cell = nbformat.v4.new_code_cell("print('hi')", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
+    if error:
+        cell.outputs.append(nbformat.v4.new_output("error", ename="ValueError", evalue="\x1b[0;31mbad <b>", traceback=[]))
+    nb.cells.append(cell)
+    nbformat.write(nb, path)
+
+
+def _metrics(spec, status: str, train: float | None, valid: float | None, error: str | None = None) -> dict:
+    steps = 6 if status != "failed" else 0
+    return {
+        "id": spec.id, "title": spec.title, "spec_hash": spec.content_hash(), "profile": spec.profile,
+        "status": status, "diverged_at_step": 4 if status == "diverged" else None, "error": error,
+        "params": 123456, "steps_per_epoch": 6, "steps_completed": steps, "steps_total": 6,
+        "batches": {"loss": [1.0, 0.8, 0.7, 0.6, 0.55, 0.5][:steps], "lr": [1e-3] * steps,
+                    "grad_norm": [1.0] * steps},
+        "epochs": [{"epoch": 1, "step": 6, "train_loss": train, "valid_loss": valid,
+                    "valid_loss_batch_stats": None}] if steps else [],
+        "final": {"train_loss": train, "valid_loss": valid, "valid_loss_batch_stats": None},
+        "timings": {"total_s": 12.345, "step_s": 0.2},
+        "environment": {"device": "cpu", "precision": "fp32", "torch": "2.x", "diffusers": "0.x", "python": "3.x"},
+    }
+
+
+def _run(results: Path, spec, status: str, train=None, valid=None, error=None, std_peak=None,
+         charts=False, notebook: str | None = None) -> Path:
+    d = results / spec.id
+    (d / "charts").mkdir(parents=True)
+    (d / "spec.yaml").write_text(spec.to_yaml())
+    (d / "metrics.json").write_text(json.dumps(_metrics(spec, status, train, valid, error)))
+    if std_peak is not None:
+        _stats(d / "stats.npz", std_peak)
+    if charts:  # placeholder PNGs: the site copies whatever runner.charts drew
+        for i, kind in enumerate(KINDS):
+            imsave(d / "charts" / f"{kind}.png", np.full((4, 6), float(i)), vmin=0, vmax=3)
+    if notebook:
+        _notebook(d / "notebook.ipynb", error=notebook == "error")
+    return d
+
+
+def make_results(root: Path) -> Path:
+    results = root / "results"
+    good = _spec("good-run", title="Baseline *GroupNorm* & friends", notes="Course-like.\n\nSecond | para <i>x</i>.")
+    bad = _spec("bad-run", title="BatchNorm in resnets", group="norms",
+                model={"resnet_norm": "batch", "out_norm": "batch"}, train={"lr": 2e-4, "batch_size": 16})
+    failed = _spec("failed-run", title=f"Failed </title>{XSS}", group="norms", noise={"schedule": "ddim", "beta_end": 0.01})
+    _run(results, good, "completed", 0.1234567, 0.2, std_peak=1.5, charts=True, notebook="ok")
+    _run(results, bad, "completed", 0.3, None, std_peak=250.0, charts=True, notebook="error")
+    _run(results, failed, "failed", error=f"RuntimeError: boom {XSS}\nsecond line")
+    (results / ".tmp-partial").mkdir()  # temporary folder of a run in progress: skipped
+    (results / "no-metrics").mkdir()  # nothing finished yet: skipped
+    return results
+
+
+def _placeholder_charts(calls: list):
+    """runner.charts' API with a comparison_chart that writes a placeholder PNG (real charts take seconds
+    each; test_comparisons_with_real_charts covers the real one) and records its arguments."""
+    kinds, captions, _ = site._charts_api()
+
+    def comparison_chart(run_dirs, kind, out, labels):
+        assert kind in kinds and len(labels) == len(run_dirs)
+        calls.append((kind, [Path(d).name for d in run_dirs], list(labels)))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        imsave(out, np.zeros((4, 6)))
+        return Path(out)
+
+    return lambda: (kinds, captions, comparison_chart)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """Results rendered once into a project-like tmp layout (docs/ with the committed assets)."""
+    root = tmp_path_factory.mktemp("site")
+    results = make_results(root)
+    docs = root / "docs"
+    shutil.copytree(ROOT / "docs" / "assets", docs / "assets")
+    calls: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(site, "_charts_api", _placeholder_charts(calls))
+        pages = render_site(results, docs)
+    return {"root": root, "results": results, "docs": docs, "pages": pages, "calls": calls}
+
+
+@pytest.fixture(autouse=True)
+def placeholder_charts(request, monkeypatch) -> None:
+    if "real_charts" not in request.node.name:
+        monkeypatch.setattr(site, "_charts_api", _placeholder_charts([]))
+
+
+def _pages(docs: Path) -> dict[str, str]:
+    return {p.relative_to(docs).as_posix(): p.read_text() for p in docs.rglob("*.md")}
+
+
+# ---------------------------------------------------------------- pages
+
+
+def test_experiments_index_matches_golden(built) -> None:
+    text = (built["docs"] / "experiments" / "index.md").read_text()
+    golden = GOLDEN / "experiments_index.md"
+    if os.environ.get("RUNNER_UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text(), "page changed: review, then RUNNER_UPDATE_GOLDEN=1 to accept"
+
+
+def test_page_list_and_copied_files(built) -> None:
+    docs = built["docs"]
+    rel = sorted(p.relative_to(docs).as_posix() for p in built["pages"])
+    assert rel == sorted([
+        "index.md", "method.md", "experiments/index.md", "comparisons/index.md", "insights/index.md",
+        *(f"comparisons/{k}.md" for k in KINDS),
+        *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run")),
+    ])
+    assert {p.name for p in (docs / "experiments" / "good-run").iterdir()} == {
+        "index.md", "notebook.ipynb", *(f"{k}.png" for k in KINDS)}
+    assert {p.name for p in (docs / "experiments" / "failed-run").iterdir()} == {"index.md"}
+    assert not [p for p in docs.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+def test_untrusted_text_is_escaped_everywhere(built) -> None:
+    pages = _pages(built["docs"])
+    for name, text in pages.items():
+        assert "<script" not in text.lower(), name
+        assert "<i>" not in text and "<b>" not in text, name
+    failed = pages["experiments/failed-run/index.md"]
+    assert '<div class="admonition failure">' in failed
+    assert "RuntimeError: boom &lt;script&gt;alert(1)&lt;/script&gt;\nsecond line" in failed
+    # Markdown punctuation in a title is inert: no emphasis, no table breakout.
+    assert r"# Baseline \*GroupNorm\* &amp; friends" in pages["experiments/good-run/index.md"]
+    assert r"Second \| para &lt;i&gt;x&lt;/i&gt;\." in pages["experiments/good-run/index.md"]
+
+
+def test_experiment_pages_show_status_notebook_errors_and_spec(built) -> None:
+    pages = _pages(built["docs"])
+    good, bad = pages["experiments/good-run/index.md"], pages["experiments/bad-run/index.md"]
+    assert '!!! success "Completed"' in good and "error output" not in good
+    assert "The executed notebook has 1 error output(s)" in bad
+    assert "ValueError: bad &lt;b&gt;" in bad  # ANSI colour codes stripped, HTML escaped
+    assert "Original notebook name: `(32,64,64,128)_(DAAA)_BN_Bs16_Lr2e-4_160_1e`" in bad
+    assert "<tr><td><code>model.resnet_norm</code></td><td>batch</td></tr>" in bad
+    assert "<tr><th>parameters</th><td>123,456</td></tr>" in good
+    assert "### Loss" in good and "![loss chart of good\\-run](loss.png)" in good
+    assert "[The executed notebook](notebook.ipynb)" in good
+
+
+def test_home_picks_lowest_and_highest_max_std_as_examples(built) -> None:
+    home = _pages(built["docs"])["index.md"]
+    for kind in ("stats", "hist", "dead"):
+        assert f"](experiments/good-run/{kind}.png)" in home
+        assert f"](experiments/bad-run/{kind}.png)" in home
+    assert home.index("**Good:** [Baseline") < home.index("**Bad:** [BatchNorm")
+    assert "max std 250" in home and "max std 1.5" in home
+
+
+def test_comparisons_group_runs_by_spec_group(built) -> None:
+    docs = built["docs"]
+    page = (docs / "comparisons" / "stats.md").read_text()
+    assert page.index("## baseline") < page.index("## norms")
+    assert "[bad\\-run](../experiments/bad-run/index.md), [failed\\-run](../experiments/failed-run/index.md)" in page
+    assert "![Activation mean and std for group norms](stats/norms.png)" in page
+    assert sorted(built["calls"]) == sorted(
+        (kind, ids, ids) for kind in KINDS for ids in (["good-run"], ["bad-run", "failed-run"]))
+    for kind in KINDS:
+        assert (docs / "comparisons" / kind / "norms.png").is_file()
+
+
+@pytest.mark.slow
+def test_comparisons_with_real_charts(tmp_path) -> None:
+    results = tmp_path / "results"
+    _run(results, _spec("a"), "completed", 0.1, 0.1, std_peak=1.5)
+    _run(results, _spec("b"), "failed", error="boom")
+    render_site(results, tmp_path / "docs")
+    for kind in KINDS:
+        png = tmp_path / "docs" / "comparisons" / kind / "baseline.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", kind
+        assert "No chart" not in (tmp_path / "docs" / "comparisons" / f"{kind}.md").read_text()
+
+
+def test_home_without_two_completed_runs_says_so(tmp_path) -> None:
+    results = tmp_path / "results"
+    spec = _spec("only")
+    _run(results, spec, "completed", 0.1, 0.1, std_peak=2.0, charts=True)
+    render_site(results, tmp_path / "docs")
+    home = (tmp_path / "docs" / "index.md").read_text()
+    assert "No examples yet" in home and "there is 1 completed run so far" in home
+
+
+# ---------------------------------------------------------------- environment and filters
+
+
+def test_strict_undefined_raises_on_missing_variable() -> None:
+    env = environment()
+    with pytest.raises(UndefinedError):
+        env.from_string("{{ missing }}").render()
+    with pytest.raises(UndefinedError):
+        env.get_template("experiment.md.j2").render(run={"title": "x"})
+
+
+def test_filters() -> None:
+    assert fmt_num(None) == fmt_num(float("nan")) == fmt_num("x") == "\u2014"
+    assert fmt_num(0.000123456) == "0.0001235" and fmt_num(250.0) == "250" and fmt_num(1234567) == "1,234,567"
+    assert str(md_text("a_b *c* <x> & [l](u)\n  # h")) == r"a\_b \*c\* &lt;x&gt; &amp; \[l\]\(u\) \# h"
+    assert str(md_text("it's")) == "it&#39;s"  # the entity keeps its '#'
+
+
+# ---------------------------------------------------------------- safety
+
+
+def test_unsafe_ids_are_rejected(tmp_path) -> None:
+    for bad in ("../x", "A", "a/b", "", ".hidden"):
+        with pytest.raises(SiteError):
+            safe_id(bad)
+    results = tmp_path / "results"
+    (results / "Bad Id").mkdir(parents=True)
+    (results / "Bad Id" / "metrics.json").write_text("{}")
+    with pytest.raises(SiteError, match="not a safe id"):
+        load_runs(results)
+    with pytest.raises(SiteError, match="insight slug"):
+        render_site(tmp_path / "none", tmp_path / "docs",
+                    insights=lambda runs: InsightResult([InsightPage("../evil", "t", "b")]))
+    assert not (tmp_path / "evil.md").exists()
+
+
+def test_mismatched_spec_id_is_rejected(tmp_path) -> None:
+    results = tmp_path / "results"
+    d = _run(results, _spec("one"), "completed", 0.1, 0.1)
+    d.rename(results / "two")
+    with pytest.raises(SiteError, match="expected the folder name"):
+        load_runs(results)
+
+
+def test_rerender_replaces_generated_pages_and_keeps_assets(tmp_path) -> None:
+    results = tmp_path / "results"
+    _run(results, _spec("first"), "completed", 0.1, 0.1)
+    docs = tmp_path / "docs"
+    (docs / "assets").mkdir(parents=True)
+    (docs / "assets" / "extra.css").write_text("keep")
+    outside = tmp_path / "outside.md"
+    outside.write_text("keep")
+    render_site(results, docs)
+    assert (docs / "experiments" / "first" / "index.md").is_file()
+    shutil.rmtree(results / "first")
+    _run(results, _spec("second"), "completed", 0.1, 0.1)
+    render_site(results, docs)
+    assert not (docs / "experiments" / "first").exists()
+    assert (docs / "experiments" / "second" / "index.md").is_file()
+    assert (docs / "assets" / "extra.css").read_text() == "keep" and outside.read_text() == "keep"
+
+
+def test_failed_render_leaves_previous_pages(tmp_path, monkeypatch) -> None:
+    results = tmp_path / "results"
+    _run(results, _spec("first"), "completed", 0.1, 0.1)
+    docs = tmp_path / "docs"
+    render_site(results, docs)
+    before = _pages(docs)
+
+    def boom(*a, **k):
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(site, "_render_insights", boom)
+    with pytest.raises(RuntimeError):
+        render_site(results, docs)
+    assert _pages(docs) == before
+    assert not [p for p in docs.iterdir() if p.name.startswith(".")]
+
+
+def test_refuses_docs_dir_that_looks_like_a_project_root(tmp_path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("")
+    with pytest.raises(SiteError, match="project root"):
+        render_site(tmp_path / "results", project)
+    with pytest.raises(SiteError, match="contains the results folder"):
+        render_site(tmp_path / "results", tmp_path)
+    assert [p.name for p in project.iterdir()] == ["pyproject.toml"]
+
+
+def test_histogram_constants_match_runner_stats() -> None:
+    stats = pytest.importorskip("runner.stats")  # imports torch: shared with the other test modules
+    assert (site.HIST_BINS, site.HIST_RANGE) == (stats.HIST_BINS, tuple(stats.HIST_RANGE))
+
+
+def test_specs_select_order_and_mark_missing_and_stale(tmp_path) -> None:
+    results = tmp_path / "results"
+    ran = _spec("ran", title="Old title")
+    _run(results, ran, "completed", 0.1, 0.1)
+    changed = _spec("ran", title="New title", train={"lr": 5e-4})  # new hash: results are stale
+    render_site(results, tmp_path / "docs", specs=[_spec("pending"), changed])
+    table = (tmp_path / "docs" / "experiments" / "index.md").read_text()
+    assert table.index("<td>pending</td>") < table.index('<a href="ran/index.html">ran</a>')
+    assert "<td class=\"status\">not run</td>" in table and "completed (stale)" in table
+    page = (tmp_path / "docs" / "experiments" / "ran" / "index.md").read_text()
+    assert "# New title" in page and "Stale results" in page
+    assert "<tr><td><code>train.lr</code></td><td>0.001</td></tr>" in page  # what actually ran
+
+
+def test_insights_placeholder_and_provider_pages(tmp_path) -> None:
+    results = tmp_path / "results"
+    render_site(results, tmp_path / "docs",
+                insights=lambda runs: InsightResult((), ("baseline (quick profile)", "bn <b>")))
+    text = (tmp_path / "docs" / "insights" / "index.md").read_text()
+    assert "Insight pages are generated by the suite issue" in text
+    assert r"- baseline \(quick profile\)" in text and "bn &lt;b&gt;" in text
+    render_site(results, tmp_path / "docs",
+                insights=lambda runs: InsightResult([InsightPage("norms", "Norms <matter>", "Body **md**.")]))
+    assert "[Norms &lt;matter&gt;](norms.md)" in (tmp_path / "docs" / "insights" / "index.md").read_text()
+    assert "Body **md**." in (tmp_path / "docs" / "insights" / "norms.md").read_text()
+
+
+# ---------------------------------------------------------------- the real MkDocs build
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        a = dict(attrs)
+        if tag == "img" and a.get("src"):
+            self.refs.append(a["src"])
+        if tag == "a" and a.get("href"):
+            self.refs.append(a["href"])
+
+
+def _unresolved(site_dir: Path) -> list[str]:
+    bad = []
+    for page in site_dir.rglob("*.html"):
+        parser = _Links()
+        parser.feed(page.read_text(encoding="utf-8"))
+        for ref in parser.refs:
+            parts = urlsplit(ref)
+            if parts.scheme or parts.netloc or ref.startswith(("#", "/", "data:", "mailto:")) or not parts.path:
+                continue
+            target = (page.parent / unquote(parts.path)).resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file():
+                bad.append(f"{page.relative_to(site_dir)} -> {ref}")
+    return bad
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict_and_links_resolve(built) -> None:
+    root = built["root"]
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config.update(docs_dir=str(built["docs"]), site_dir=str(root / "site"))
+    (root / "mkdocs.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(root / "mkdocs.yml")],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not re.search(r"^WARNING", proc.stderr, re.M), proc.stderr[-4000:]
+    site_dir = root / "site"
+    for page in built["pages"]:
+        assert (site_dir / page.relative_to(built["docs"]).with_suffix(".html")).is_file(), page
+    for run_id in ("good-run", "bad-run"):
+        assert (site_dir / "experiments" / run_id / "notebook.html").is_file()
+        assert (site_dir / "experiments" / run_id / "notebook.ipynb").is_file()
+    assert _unresolved(site_dir) == []
+    html = (site_dir / "experiments" / "failed-run" / "index.html").read_text()
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    table = (site_dir / "experiments" / "index.html").read_text()
+    assert '<div class="sortable runs">' in table and "assets/sort.js" in table

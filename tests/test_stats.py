@@ -1,0 +1,203 @@
+"""runner.stats: recorded values against a direct computation, step bookkeeping, hooks, filters, files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from runner.models import build, is_attention_block, is_residual_block
+from runner.spec import build_spec
+from runner.stats import HIST_BINS, HIST_RANGE, ActivationStats, dead_share, load_stats
+
+LATENTS = Path(__file__).resolve().parents[1] / "data/lsun_bedroom_10k/latents_nonorm_f16.npy"
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    # default init (not zero conv2) so resnet outputs differ from their inputs; 1 layer per block: fast
+    spec = build_spec({"id": "t", "model": {"init": "default", "layers_per_block": 1}}, "test")
+    return build(spec)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = torch.from_numpy(np.load(LATENTS, mmap_mode="r")[:4].astype(np.float32)) * 0.2
+    g = torch.Generator().manual_seed(0)
+    return x0 + torch.randn(x0.shape, generator=g), torch.rand(4, generator=g)
+
+
+def capture(model: nn.Module, names: list[str], *args: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Module outputs of one forward, caught with hooks of our own."""
+    out: dict[str, torch.Tensor] = {}
+    mods = dict(model.named_modules())
+    def keep(name: str):
+        return lambda m, i, o: out.__setitem__(name, o.detach().clone())
+
+    hs = [mods[n].register_forward_hook(keep(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hs:
+            h.remove()
+    return out
+
+
+def histc(x: torch.Tensor) -> np.ndarray:
+    """miniai's histogram, computed directly."""
+    return torch.histc(x.float().abs(), HIST_BINS, *HIST_RANGE).numpy()
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_recorded_stats_equal_direct_computation(model, batch):
+    with ActivationStats(model) as st, torch.no_grad():
+        model(*batch)
+    direct = capture(model, st.names, *batch)
+    d = st.to_numpy()
+    assert d["mean"].shape == d["std"].shape == (1, len(st.names))
+    assert d["hist"].shape == (len(st.names), HIST_BINS, 1) and d["mean"].dtype == np.float32
+    for j, name in enumerate(st.names):
+        x = direct[name].float()
+        assert d["mean"][0, j] == pytest.approx(x.mean().item(), abs=1e-5)
+        assert d["std"][0, j] == pytest.approx(x.std().item(), abs=1e-5)
+        np.testing.assert_array_equal(d["hist"][j, :, 0], histc(x))
+    assert d["hist"].sum() > 0
+
+
+def test_histogram_edges_match_histc():
+    # 0.25-wide bins closed on the left, the last one closed at 10; above 10, NaN and inf are dropped.
+    x = torch.tensor([0.0, -0.0, 0.2499, 0.25, -0.25, 9.75, 9.99, 10.0, -10.0, 10.001, 10.2, 10.25, 11.0,
+                      float("inf"), float("-inf"), float("nan"), 3.3, -7.126])
+    x = torch.cat([x, torch.linspace(-12, 12, 9601)])  # every edge, exactly
+    net = nn.Sequential(nn.Identity())
+    with ActivationStats(net, modules=["0"]) as st:
+        net(x)
+    hist = st.to_numpy()["hist"][0, :, 0]
+    np.testing.assert_array_equal(hist, histc(x))
+    assert hist[HIST_BINS - 1] > 0 and hist[0] > 0
+
+
+def test_steps_follow_root_forwards_and_recording(model, batch):
+    x, t = batch
+    with ActivationStats(model) as st, torch.no_grad():
+        model(x[:1], t[:1])
+        st.recording = False
+        model(x[:1], t[:1])  # validation: not recorded
+        st.recording = True
+        model(x[:1], t[:1])
+        model.unet.down_blocks[0].resnets[0](torch.randn(1, 32, 32, 32), None)  # not a root forward
+    assert st.steps == 2
+    d = st.to_numpy()
+    assert d["mean"].shape[0] == d["hist"].shape[2] == 2
+    np.testing.assert_array_equal(d["mean"][0], d["mean"][1])  # the submodule call wrote nothing
+
+
+def test_chunks_give_the_same_arrays(model, batch):
+    x, t = batch
+    results = []
+    for chunk in (2, 256):
+        with ActivationStats(model, chunk_size=chunk) as st, torch.no_grad():
+            for i in range(5):  # chunk 2: two full chunks and a partial one
+                model(x[i % 4:i % 4 + 1], t[i % 4:i % 4 + 1])
+        results.append(st.to_numpy())
+    small, one = results
+    assert small["mean"].shape[0] == 5
+    for k in ("mean", "std", "hist"):
+        np.testing.assert_array_equal(small[k], one[k])
+
+
+def test_hooks_removed_on_exit_and_on_exception(model, batch):
+    with ActivationStats(model) as st:
+        assert model._forward_hooks and model._forward_pre_hooks
+        assert st.attached
+    assert no_hooks(model) and not st.attached
+    with pytest.raises(RuntimeError, match="boom"), ActivationStats(model):
+        raise RuntimeError("boom")
+    assert no_hooks(model)
+    with pytest.raises(RuntimeError), ActivationStats(model):
+        model(torch.randn(1, 3, 32, 32), torch.rand(1))  # wrong channels: fails inside the forward
+    assert no_hooks(model)
+
+
+def test_module_filters(model):
+    mods = dict(model.named_modules())
+    res = ActivationStats(model).names
+    att = ActivationStats(model, modules="attention").names
+    both = ActivationStats(model, modules="resnets+attention").names
+    assert res and att and not set(res) & set(att)
+    assert all(is_residual_block(n, mods[n]) for n in res)
+    assert all(is_attention_block(n, mods[n]) for n in att)
+    order = [n for n in mods if n in set(res) | set(att)]
+    assert both == order  # network order, not filter order
+    pick = [res[2], att[0]]
+    assert ActivationStats(model, modules=pick).names == [n for n in order if n in pick]
+    assert ActivationStats(model, modules=lambda n, m: n == res[0]).names == [res[0]]
+    with pytest.raises(ValueError, match=r"down_blocks\.0\.resnets\.0"):
+        ActivationStats(model, modules=["unet.down_blocks.0.resnet.0"])
+    with pytest.raises(ValueError, match="unknown kind"):
+        ActivationStats(model, modules="resnet")
+
+
+def test_save_load_round_trip(model, batch, tmp_path):
+    with ActivationStats(model, modules="resnets+attention") as st, torch.no_grad():
+        model(*batch)
+        model(*batch)
+    path = st.save(tmp_path / "stats.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]  # no temp file left behind
+    got, want = load_stats(path), st.to_numpy()
+    assert got["names"] == want["names"] and all(isinstance(n, str) for n in got["names"])
+    for k in ("mean", "std", "hist"):
+        np.testing.assert_array_equal(got[k], want[k])
+        assert got[k].dtype == want[k].dtype
+
+
+def test_empty_stats_save(model, tmp_path):
+    st = ActivationStats(model)
+    d = load_stats(st.save(tmp_path / "s.npz"))
+    assert d["mean"].shape == (0, len(st.names)) and d["hist"].shape == (len(st.names), HIST_BINS, 0)
+
+
+def test_dead_share_is_bin_zero_over_total():
+    hist = np.zeros((2, HIST_BINS, 3))
+    hist[0, 0, :] = [1, 3, 0]
+    hist[0, 5, :] = [3, 1, 0]
+    hist[1, 39, :] = 2
+    share = dead_share(hist)
+    assert share.shape == (2, 3)
+    np.testing.assert_allclose(share[0, :2], [0.25, 0.75])
+    assert np.isnan(share[0, 2]) and (share[1] == 0).all()
+
+
+def test_bf16_autocast_keeps_float32_stats(model, batch):
+    with ActivationStats(model) as st, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = capture(model, st.names, *batch)
+    assert direct[st.names[0]].dtype == torch.bfloat16  # the outputs really are bf16
+    d = st.to_numpy()
+    assert d["mean"].dtype == d["std"].dtype == np.float32
+    for j, name in enumerate(st.names):
+        x = direct[name].float()
+        assert d["mean"][0, j] == pytest.approx(x.mean().item(), abs=1e-5)
+        assert d["std"][0, j] == pytest.approx(x.std().item(), abs=1e-5)
+        np.testing.assert_array_equal(d["hist"][j, :, 0], histc(x))
+
+
+def test_tuple_output_uses_first_element():
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x * 2, x
+
+    net = nn.Sequential(Pair())
+    x = torch.arange(8.0)
+    with ActivationStats(net, modules=["0"]) as st:
+        net(x)
+    assert st.to_numpy()["mean"][0, 0] == pytest.approx(7.0)

@@ -1,0 +1,121 @@
+"""The training loop on tiny real inputs: repeatability, divergence, precision errors, BatchNorm validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from runner.spec import build_spec
+from runner.stats import load_stats
+from runner.train import DivergenceGuard, PrecisionError, autocast_dtype, batch_statistics, train
+
+# Two levels, 96 latents (86 train) -> 5 steps per epoch at batch 16.
+TINY_MODEL = {"block_out_channels": [32, 64], "blocks": "DA", "layers_per_block": 1}
+
+
+def tiny(name: str, **sections) -> object:
+    raw = {
+        "id": name,
+        "data": {"size": 96},
+        "model": {**TINY_MODEL, **sections.pop("model", {})},
+        "train": {"batch_size": 16, "epochs": 1, **sections.pop("train", {})},
+        **sections,
+    }
+    return build_spec(raw, "test")
+
+
+def test_two_cpu_runs_with_one_seed_give_identical_losses(tmp_path):
+    spec = tiny("same", train={"epochs": 2})
+    a = train(spec, tmp_path / "a", device="cpu", progress=False)
+    b = train(spec, tmp_path / "b", device="cpu", progress=False)
+    assert a.status == b.status == "completed"
+    assert a.metrics["batches"]["loss"] == b.metrics["batches"]["loss"]
+    assert len(a.metrics["batches"]["loss"]) == 10 == a.metrics["steps_total"]
+    other = train(tiny("other", train={"epochs": 2, "seed": 1}), tmp_path / "c", device="cpu", progress=False)
+    assert other.metrics["batches"]["loss"] != a.metrics["batches"]["loss"]
+
+
+def test_run_folder_holds_metrics_stats_and_resolved_spec(tmp_path):
+    spec = tiny("files", model={"resnet_norm": "batch"})
+    result = train(spec, tmp_path, device="cpu", progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["spec_hash"] == spec.content_hash()
+    assert (tmp_path / "spec.yaml").read_text() == spec.to_yaml()
+    epoch = metrics["epochs"][-1]
+    assert epoch["valid_loss"] > 0 and epoch["valid_loss_batch_stats"] > 0, (
+        "BatchNorm model: both valid losses"
+    )
+    assert len(metrics["batches"]["lr"]) == len(metrics["batches"]["grad_norm"]) == metrics["steps_completed"]
+    stats = load_stats(tmp_path / "stats.npz")
+    # One recorded step per training batch; validation forwards are not recorded.
+    assert stats["mean"].shape[0] == metrics["steps_completed"] == 5
+    assert stats["hist"].shape[2] == 5 and len(stats["names"]) == stats["mean"].shape[1] > 0
+    assert result.metrics["final"]["valid_loss"] == epoch["valid_loss"]
+
+
+def test_group_norm_model_has_no_batch_stats_validation(tmp_path):
+    result = train(tiny("gn"), tmp_path, device="cpu", progress=False)
+    assert result.metrics["epochs"][0]["valid_loss_batch_stats"] is None
+
+
+def test_huge_learning_rate_is_marked_diverged_and_keeps_its_stats(tmp_path):
+    spec = tiny("boom", train={"lr": 1e4, "epochs": 4})
+    result = train(spec, tmp_path, device="cpu", progress=False)
+    m = result.metrics
+    assert result.status == "diverged" and m["diverged_at_step"] is not None
+    assert m["steps_completed"] == m["diverged_at_step"] + 1 < m["steps_total"]
+    bad = m["batches"]["loss"][m["diverged_at_step"]]
+    assert (
+        bad is None
+        or not math.isfinite(bad)
+        or bad > spec.train.divergence_factor * min(m["batches"]["loss"][:1])
+    )
+    stats = load_stats(tmp_path / "stats.npz")
+    assert stats["mean"].shape[0] == m["steps_completed"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_guard_flags_non_finite_and_explosions_only():
+    guard = DivergenceGuard(factor=10)
+    assert guard.first_bad([1.0, 0.8, 0.9, 5.0], 0) is None
+    assert guard.first_bad([0.7, 8.5], 4) == 5, "8.5 > 10 x the early minimum 0.7"
+    assert DivergenceGuard(10).first_bad([1.0, math.nan], 0) == 1
+    assert DivergenceGuard(10).first_bad([math.inf], 7) == 7
+
+
+def test_precision_the_device_cannot_run_is_a_clear_error(tmp_path):
+    with pytest.raises(PrecisionError, match="fp16.*CUDA"):
+        autocast_dtype("fp16", torch.device("cpu"))
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(PrecisionError):
+        train(tiny("fp16", train={"precision": "fp16"}), tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "metrics.json").exists(), "refused before any work"
+
+
+def test_batch_statistics_leaves_running_statistics_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.BatchNorm2d(8))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 4, 8, 8) * 3 + 2
+    with batch_statistics(model):
+        out = model(x)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model[1].training
+    # Normalised with this batch's own statistics: per-channel mean ~0, std ~1.
+    np.testing.assert_allclose(out.mean((0, 2, 3)).detach().numpy(), 0, atol=1e-5)
+    assert not torch.allclose(model(x), out)
+
+
+def test_too_many_latents_is_refused_before_training(tmp_path):
+    from runner.data import DataError
+
+    spec = build_spec({"id": "big", "data": {"size": 100_000}}, "test")
+    with pytest.raises(DataError, match="encode"):
+        train(spec, tmp_path, device="cpu", progress=False)
