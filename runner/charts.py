@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,7 +50,6 @@ MAX_WIDTH = 30.0  # comparison grids with many module columns get wider, but not
 WRAP = 6  # module small multiples per row in a single-run chart
 LOG_DECADES = 2.0  # switch to a log axis when the data spans more than this many decades
 DIVERGED_COLOR = "#d62728"
-HIST_RANGE = (0.0, 10.0)  # |activation| range of the stats histogram (runner.stats.HIST_RANGE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,7 +108,9 @@ class _Run:
     @cached_property
     def dead(self) -> np.ndarray:
         """Dead share [modules, steps] (only meaningful when stats are present)."""
-        return _dead_share(self.stats["hist"]) if self.stats else np.zeros((0, 0))
+        from runner.stats import dead_share
+
+        return np.asarray(dead_share(self.stats["hist"]), dtype=float) if self.stats else np.zeros((0, 0))
 
     def has(self, kind: str) -> bool:
         """Whether this run has anything to draw for a chart kind."""
@@ -131,15 +133,13 @@ def _read_stats(path: Path) -> dict[str, Any] | None:
     """Load stats.npz via runner.stats when it is available; a missing or broken file gives None."""
     if not path.is_file():
         return None
+    from runner.stats import load_stats  # lazily: runner.stats imports torch, a few seconds
+
     try:
-        try:  # imported lazily: runner.stats pulls in torch, which chart-only users should not pay for
-            from runner.stats import load_stats
-        except ImportError:
-            load_stats = _load_npz
         raw = load_stats(path)
         stats = {k: np.asarray(raw[k], dtype=float) for k in ("mean", "std", "hist")}
         stats["names"] = [str(n) for n in raw["names"]]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):  # broken file
         return None
     return stats if _consistent(stats) else None
 
@@ -149,23 +149,6 @@ def _consistent(stats: dict[str, Any]) -> bool:
     mean, std, hist = stats["mean"], stats["std"], stats["hist"]
     return (mean.ndim == 2 and std.shape == mean.shape and hist.ndim == 3
             and hist.shape[0] == mean.shape[1] == len(stats["names"]) and hist.shape[2] == mean.shape[0])
-
-
-def _load_npz(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in ("mean", "std", "hist", "names")}
-
-
-def _dead_share(hist: np.ndarray) -> np.ndarray:
-    """Share of activations in the lowest bin, [modules, steps]; NaN where a step recorded nothing."""
-    try:
-        from runner.stats import dead_share
-    except ImportError:
-        dead_share = None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if dead_share is not None:
-            return np.asarray(dead_share(hist), dtype=float)
-        return hist[:, 0, :] / hist.sum(1)
 
 
 def _load_run(run_dir: Path, label: str | None = None) -> _Run:
@@ -292,6 +275,8 @@ def _draw_module_lines(ax: Axes, run: _Run, key: str) -> None:
 
 def _draw_hist(ax: Axes, hist: np.ndarray, vmax: float | None) -> None:
     """imshow of log1p(counts) [bins, steps]: x = step, y = |activation| (low values at the bottom)."""
+    from runner.stats import HIST_RANGE
+
     ax.imshow(np.log1p(np.nan_to_num(hist)), origin="lower", aspect="auto", interpolation="nearest",
               extent=(0.5, hist.shape[1] + 0.5, *HIST_RANGE), vmin=0.0, vmax=vmax, cmap="viridis")
 
@@ -307,28 +292,38 @@ def _draw_dead(ax: Axes, share: np.ndarray) -> None:
 # layout helpers
 
 
-def _figure(nrows: int, ncols: int, panel_w: float, panel_h: float,
+@dataclass(frozen=True)
+class _Margins:
+    """Figure margins and gaps between panels, in inches."""
+
+    left: float = 0.95
+    right: float = 0.15
+    top: float = 0.65
+    bottom: float = 0.6
+    gap_w: float = 0.12
+    gap_h: float = 0.4
+
+
+def _figure(nrows: int, ncols: int, panel_w: float, panel_h: float, margins: _Margins = _Margins(),
             **share: Any) -> tuple[Figure, np.ndarray]:
-    """A constrained-layout Figure on its own Agg canvas (no pyplot) with a 2-D array of axes."""
-    width = min(max(WIDTH, panel_w * ncols), MAX_WIDTH)
-    fig = Figure(figsize=(width, panel_h * nrows + 0.7), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False, **share)
-
-
-def _grid_figure(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[Figure, np.ndarray]:
-    """Small multiples with fixed margins in inches: constrained layout costs seconds per dozen axes,
-    and a regular grid with shared, outer-only tick labels does not need it."""
-    left, right, top, bottom, gap_w, gap_h = 0.95, 0.15, 0.65, 0.6, 0.12, 0.4
-    width = min(max(WIDTH, panel_w * ncols + left + right), MAX_WIDTH)
-    height = panel_h * nrows + top + bottom
-    axes_w = (width - left - right - gap_w * (ncols - 1)) / ncols
-    axes_h = (height - top - bottom - gap_h * (nrows - 1)) / nrows
+    """A Figure on its own Agg canvas (no pyplot) with a 2-D array of axes, laid out with fixed margins
+    in inches: constrained layout costs about a second per figure (seconds for a dozen axes), and
+    regular grids with outer-only tick labels do not need it."""
+    m = margins
+    width = min(max(WIDTH, panel_w * ncols + m.left + m.right), MAX_WIDTH)
+    height = panel_h * nrows + m.top + m.bottom
+    axes_w = (width - m.left - m.right - m.gap_w * (ncols - 1)) / ncols
+    axes_h = (height - m.top - m.bottom - m.gap_h * (nrows - 1)) / nrows
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex="all", sharey="all", gridspec_kw=dict(
-        left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
-        wspace=gap_w / axes_w, hspace=gap_h / axes_h))
+    axes = fig.subplots(nrows, ncols, squeeze=False, **share, gridspec_kw=dict(
+        left=m.left / width, right=1 - m.right / width, top=1 - m.top / height, bottom=m.bottom / height,
+        wspace=m.gap_w / axes_w, hspace=m.gap_h / axes_h))
+    return fig, axes
+
+
+def _small_multiples(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[Figure, np.ndarray]:
+    fig, axes = _figure(nrows, ncols, panel_w, panel_h, sharex="all", sharey="all")
     # Shared axes share one locator: few ticks keep small panels legible and drawing fast.
     axes[0, 0].xaxis.set_major_locator(MaxNLocator(4, integer=True))
     axes[0, 0].yaxis.set_major_locator(MaxNLocator(5))
@@ -337,13 +332,23 @@ def _grid_figure(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tupl
     return fig, axes
 
 
-def _title(fig: Figure, runs: list[_Run], what: str) -> None:
+def _legend_width(labels: list[str], ncol: int) -> float:
+    """Rough width in inches of a fontsize-7 legend (there is no layout engine to measure it for us)."""
+    return ncol * (0.5 + 0.06 * max((len(label) for label in labels), default=0))
+
+
+def _title(fig: Figure, runs: list[_Run], what: str, xlabel: str = "step") -> None:
+    """Suptitle a fixed distance from the top and a shared x label a fixed distance from the bottom."""
     if len(runs) == 1:
         run = runs[0]
         status = f"diverged at step {run.diverged_at}" if run.diverged_at is not None else run.status
-        fig.suptitle(f"{run.label} - {what} ({status})", fontsize=12)
+        title = f"{run.label} - {what} ({status})"
     else:
-        fig.suptitle(f"{what}: " + ", ".join(r.label for r in runs), fontsize=12)
+        title = f"{what}: " + ", ".join(r.label for r in runs)
+    height = fig.get_figheight()
+    fig.suptitle(title, fontsize=12, y=1 - 0.1 / height, va="top")
+    if xlabel:
+        fig.supxlabel(xlabel, fontsize=10, y=0.06 / height, va="bottom")
 
 
 def _missing(run: _Run, what: str) -> str:
@@ -384,7 +389,7 @@ def _loss_chart(runs: list[_Run]) -> Figure:
     # Comparisons overlay all runs on one panel rather than one panel per run: loss gaps of a few percent
     # (the usual difference between variants) are only visible when the curves lie on top of each other.
     # The per-batch loss is drawn faint so the smoothed lines stay readable with several runs.
-    fig, axes = _figure(1, 1, WIDTH, 5.0)
+    fig, axes = _figure(1, 1, WIDTH - 1.1, 5.0, _Margins(left=0.85, right=0.25, top=0.45, bottom=0.55))
     ax = axes[0, 0]
     drawable = [r for r in runs if r.has("loss")]
     if not drawable:
@@ -395,13 +400,13 @@ def _loss_chart(runs: list[_Run]) -> Figure:
             _draw_loss(ax, run, None if len(runs) == 1 else f"C{i % 10}")
     if _wants_log(*(np.r_[_losses(r.metrics), _valid(r.metrics)[1]] for r in drawable)):
         ax.set_yscale("log")
-    ax.set(xlabel="optimiser step", ylabel="loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
     if len(runs) > 1:
         handles += _comparison_proxies(runs)
     ax.legend(handles=handles, fontsize=9, loc="best")
-    _title(fig, runs, "loss")
+    _title(fig, runs, "loss", xlabel="optimiser step")
     return fig
 
 
@@ -420,7 +425,12 @@ def _comparison_proxies(runs: list[_Run]) -> list[Line2D]:
 
 def _stats_chart(runs: list[_Run]) -> Figure:
     """Rows = runs, columns = (mean, std); y shared per column so runs compare directly."""
-    fig, axes = _figure(len(runs), 2, WIDTH / 2, 4.2 if len(runs) == 1 else 3.0, sharex="all", sharey="col")
+    labels = [short_name(n) for r in runs for n in r.names]
+    ncol = math.ceil(max([len(r.names) for r in runs] or [1]) / 16)
+    margins = _Margins(left=0.95 if len(runs) > 1 else 0.7, right=_legend_width(labels, ncol) + 0.1,
+                       top=0.75, bottom=0.6, gap_w=0.65, gap_h=0.3)
+    fig, axes = _figure(len(runs), 2, (WIDTH - 2) / 2, 4.2 if len(runs) == 1 else 3.0, margins,
+                        sharex="all", sharey="col")
     drawn = np.zeros(axes.shape, dtype=bool)
     for row, run in enumerate(runs):
         if not run.has("stats"):
@@ -431,9 +441,8 @@ def _stats_chart(runs: list[_Run]) -> Figure:
             _draw_module_lines(axes[row, col], run, key)
             axes[row, col].grid(alpha=0.3)
             drawn[row, col] = True
-        ncol = math.ceil(len(run.names) / 16)
-        axes[row, 1].legend(fontsize=7, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                            frameon=False)
+        axes[row, 1].legend(fontsize=7, ncol=math.ceil(len(run.names) / 16), loc="upper left",
+                            bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.3)
         if len(runs) > 1:
             axes[row, 0].set_ylabel(run.label, fontweight="bold")
     if _wants_log(*(r.stats["std"] for r in runs if r.has("stats"))):
@@ -441,7 +450,6 @@ def _stats_chart(runs: list[_Run]) -> Figure:
     axes[0, 0].set_title("activation mean")
     axes[0, 1].set_title("activation std")
     _fix_outer_labels(axes, drawn)
-    fig.supxlabel("step", fontsize=10)
     _title(fig, runs, "activation statistics")
     return fig
 
@@ -460,7 +468,7 @@ def _module_grid(runs: list[_Run]) -> tuple[Figure, np.ndarray, list[list[tuple[
         nrows = len(runs)
         cells = [[(run, c) if run.has("hist") and c < len(run.names) else None for c in range(ncols)]
                  for run in runs]
-    fig, axes = _grid_figure(nrows, ncols, 1.7 if len(runs) == 1 else 1.5, 1.9 if len(runs) == 1 else 1.7)
+    fig, axes = _small_multiples(nrows, ncols, 1.7 if len(runs) == 1 else 1.5, 1.9 if len(runs) == 1 else 1.7)
     return fig, axes, cells
 
 
@@ -486,7 +494,6 @@ def _module_chart(runs: list[_Run], kind: str) -> Figure:
         ax.set_title(short_name(run.names[m]), fontsize=9, y=1.0, pad=3)
     _label_module_rows(axes, runs, "|activation|" if kind == "hist" else "dead share")
     _fix_outer_labels(axes, drawn)
-    fig.supxlabel("step", fontsize=10)
     _title(fig, runs, "activation histograms" if kind == "hist" else "dead share (|a| in lowest bin)")
     return fig
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -125,9 +126,7 @@ def load_run(run_dir: Path) -> RunRecord:
         raise SiteError(f"{run_dir}: {e}") from None
     if spec.id != run_id:
         raise SiteError(f"{run_dir}: spec.yaml has id {spec.id!r}; expected the folder name {run_id!r}")
-    charts = {
-        p.stem: p for p in sorted((run_dir / "charts").glob("*.png")) if SAFE_ID.match(p.stem)
-    }
+    charts = {p.stem: p for p in sorted((run_dir / "charts").glob("*.png")) if SAFE_ID.match(p.stem)}
     return RunRecord(id=run_id, spec=spec, metrics=metrics, run_dir=run_dir, charts=charts)
 
 
@@ -233,7 +232,9 @@ def environment(templates: Path = TEMPLATES) -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(esc=escape, md=md_text, meta_title=meta_title, num=fmt_num, sortkey=sort_key, duration=fmt_duration)
+    env.filters.update(
+        esc=escape, md=md_text, meta_title=meta_title, num=fmt_num, sortkey=sort_key, duration=fmt_duration
+    )
     return env
 
 
@@ -349,7 +350,7 @@ def _row(entry: Entry, max_std: float | None) -> dict[str, Any]:
         "linked": entry.run is not None,
         "title": entry.spec.title or entry.id,
         "family": m.family,
-        "channels": ", ".join(map(str, m.block_out_channels)),
+        "channels": ",".join(map(str, m.block_out_channels)),
         "blocks": m.blocks if m.family == "diffusers" else f"attn\u2265{m.attention_start}",
         "norms": f"{m.resnet_norm} / {m.attention_norm}" if m.family == "diffusers" else "course (batch)",
         "init": m.init,
@@ -366,8 +367,14 @@ def _row(entry: Entry, max_std: float | None) -> dict[str, Any]:
     }
 
 
-def _experiment_page(entry: Entry, run: RunRecord, kinds: Sequence[str], captions: dict[str, str],
-                     notebook: tuple[bool, list[str]] | None, max_std: float | None) -> dict[str, Any]:
+def _experiment_page(
+    entry: Entry,
+    run: RunRecord,
+    kinds: Sequence[str],
+    captions: dict[str, str],
+    notebook: tuple[bool, list[str]] | None,
+    max_std: float | None,
+) -> dict[str, Any]:
     m = run.metrics
     ordered = [k for k in kinds if k in run.charts] + sorted(set(run.charts) - set(kinds))
     return {
@@ -397,15 +404,18 @@ def _experiment_page(entry: Entry, run: RunRecord, kinds: Sequence[str], caption
             "device": _get(m, "environment", "device"),
             "precision": _get(m, "environment", "precision"),
             "versions": ", ".join(
-                f"{k} {v}" for k in ("python", "torch", "diffusers")
+                f"{k} {v}"
+                for k in ("python", "torch", "diffusers")
                 if (v := _get(m, "environment", k)) is not None
             ),
             "profile": m.get("profile") or run.spec.profile,
             "max_std": max_std,
         },
         "epochs": [e for e in m.get("epochs") or [] if isinstance(e, dict)],
-        "charts": [{"file": f"{k}.png", "kind": k, "title": KIND_TITLES.get(k, k), "caption": captions.get(k, "")}
-                   for k in ordered],
+        "charts": [
+            {"file": f"{k}.png", "kind": k, "title": KIND_TITLES.get(k, k), "caption": captions.get(k, "")}
+            for k in ordered
+        ],
         "notebook": None if notebook is None else {"readable": notebook[0], "errors": notebook[1]},
     }
 
@@ -431,8 +441,12 @@ class _Writer:
         shutil.copyfile(src, dst)
 
 
-def render_site(results_dir: Path, docs_dir: Path, specs: list[Spec] | None = None,
-                insights: InsightsProvider | None = None) -> list[Path]:
+def render_site(
+    results_dir: Path,
+    docs_dir: Path,
+    specs: list[Spec] | None = None,
+    insights: InsightsProvider | None = None,
+) -> list[Path]:
     """Render every page from the run folders in `results_dir` into `docs_dir`; return the pages written.
 
     `specs` (optional) selects and orders the experiments (specs without a run are listed as "not run";
@@ -469,6 +483,9 @@ def _check_docs_dir(docs_dir: Path, results_dir: Path) -> None:
 def _swap_in(stage: Path, docs_dir: Path) -> None:
     """Remove previously generated entries of docs_dir (never KEEP or dot entries), move the new ones in."""
     for old in docs_dir.iterdir():
+        if old.name.startswith(STAGING_PREFIX) and old != stage and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)  # left by a render that was killed before its cleanup ran
+            continue
         if old.name in KEEP or old.name.startswith("."):
             continue
         if old.is_dir() and not old.is_symlink():
@@ -490,15 +507,28 @@ def _render_all(w: _Writer, entries: list[Entry], provider: InsightsProvider | N
             _render_experiment(w, e, e.run, kinds, captions, stds[e.id])
     titles = {k: KIND_TITLES.get(k, k.capitalize()) for k in kinds}
     w.page("experiments/index.md", "experiments.md.j2", rows=rows, counts=_counts(rows))
-    w.page("index.md", "home.md.j2", examples=_examples(runs, stds), captions=captions, titles=titles,
-           counts=_counts(rows), kinds=kinds)
+    w.page(
+        "index.md",
+        "home.md.j2",
+        examples=_examples(runs, stds),
+        captions=captions,
+        titles=titles,
+        counts=_counts(rows),
+        kinds=kinds,
+    )
     _render_comparisons(w, entries, kinds, captions, titles, comparison_chart)
     _render_insights(w, runs, provider)
     w.page("method.md", "method.md.j2", **_method_context(runs))
 
 
-def _render_experiment(w: _Writer, entry: Entry, run: RunRecord, kinds: Sequence[str],
-                       captions: dict[str, str], max_std: float | None) -> None:
+def _render_experiment(
+    w: _Writer,
+    entry: Entry,
+    run: RunRecord,
+    kinds: Sequence[str],
+    captions: dict[str, str],
+    max_std: float | None,
+) -> None:
     base = f"experiments/{safe_id(run.id)}"
     for stem, png in run.charts.items():
         w.copy(png, f"{base}/{stem}.png")
@@ -506,8 +536,11 @@ def _render_experiment(w: _Writer, entry: Entry, run: RunRecord, kinds: Sequence
     notebook = _notebook_check(nb_path) if nb_path.is_file() else None
     if notebook is not None and notebook[0]:
         w.copy(nb_path, f"{base}/notebook.ipynb")
-    w.page(f"{base}/index.md", "experiment.md.j2",
-           run=_experiment_page(entry, run, kinds, captions, notebook, max_std))
+    w.page(
+        f"{base}/index.md",
+        "experiment.md.j2",
+        run=_experiment_page(entry, run, kinds, captions, notebook, max_std),
+    )
 
 
 def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -520,7 +553,11 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 def _examples(runs: list[RunRecord], stds: dict[str, float | None]) -> dict[str, Any] | None:
     """Good and bad example: completed runs with the lowest and highest max std (and the three charts)."""
     need = ("stats", "hist", "dead")
-    ok = [r for r in runs if r.status == "completed" and stds[r.id] is not None and all(k in r.charts for k in need)]
+    ok = [
+        r
+        for r in runs
+        if r.status == "completed" and stds[r.id] is not None and all(k in r.charts for k in need)
+    ]
     if len(ok) < 2:
         return None
     ok.sort(key=lambda r: (stds[r.id], r.id))
@@ -548,8 +585,14 @@ def _groups(entries: list[Entry]) -> list[tuple[str, list[Entry]]]:
     return sorted(groups.items())
 
 
-def _render_comparisons(w: _Writer, entries: list[Entry], kinds: Sequence[str], captions: dict[str, str],
-                        titles: dict[str, str], comparison_chart: Callable[..., Path] | None) -> None:
+def _render_comparisons(
+    w: _Writer,
+    entries: list[Entry],
+    kinds: Sequence[str],
+    captions: dict[str, str],
+    titles: dict[str, str],
+    comparison_chart: Callable[..., Path] | None,
+) -> None:
     groups = _groups(entries)
     taken: set[str] = set()
     slugs = {name: _slug(name, taken) for name, _ in groups}
@@ -563,27 +606,49 @@ def _render_comparisons(w: _Writer, entries: list[Entry], kinds: Sequence[str], 
                 rel = f"comparisons/{kind}/{slugs[name]}.png"
                 out = w.stage / rel
                 try:
-                    comparison_chart([e.run.run_dir for e in members if e.run], kind, out, [e.id for e in members])
+                    comparison_chart(
+                        [e.run.run_dir for e in members if e.run], kind, out, [e.id for e in members]
+                    )
                     section["image"] = f"{kind}/{slugs[name]}.png"
                 except Exception as e:  # noqa: BLE001 - one bad chart shows on its page, the site still builds
                     warnings.warn(f"comparison chart {kind}/{name}: {e}", stacklevel=2)
                     section["error"] = f"{type(e).__name__}: {e}"
             sections.append(section)
-        w.page(f"comparisons/{kind}.md", "comparison.md.j2", kind=kind, title=titles[kind],
-               caption=captions.get(kind, ""), sections=sections)
-    w.page("comparisons/index.md", "comparisons.md.j2", kinds=kinds, titles=titles, captions=captions,
-           groups=[(name, [e.id for e in members]) for name, members in groups])
+        w.page(
+            f"comparisons/{kind}.md",
+            "comparison.md.j2",
+            kind=kind,
+            title=titles[kind],
+            caption=captions.get(kind, ""),
+            sections=sections,
+        )
+    w.page(
+        "comparisons/index.md",
+        "comparisons.md.j2",
+        kinds=kinds,
+        titles=titles,
+        captions=captions,
+        groups=[(name, [e.id for e in members]) for name, members in groups],
+    )
 
 
 def _render_insights(w: _Writer, runs: list[RunRecord], provider: InsightsProvider | None) -> None:
     result = provider(runs) if provider is not None else None
     pages = list(result.pages) if result is not None else []
     for page in pages:
-        w.page(f"insights/{safe_id(page.slug, 'insight slug')}.md", "insight.md.j2",
-               title=page.title, body=Markup(page.markdown))
-    w.page("insights/index.md", "insights.md.j2", has_provider=provider is not None,
-           pages=[{"slug": p.slug, "title": p.title} for p in pages],
-           missing=list(result.missing) if result is not None else [])
+        w.page(
+            f"insights/{safe_id(page.slug, 'insight slug')}.md",
+            "insight.md.j2",
+            title=page.title,
+            body=Markup(page.markdown),
+        )
+    w.page(
+        "insights/index.md",
+        "insights.md.j2",
+        has_provider=provider is not None,
+        pages=[{"slug": p.slug, "title": p.title} for p in pages],
+        missing=list(result.missing) if result is not None else [],
+    )
 
 
 def _method_context(runs: list[RunRecord]) -> dict[str, Any]:
@@ -591,8 +656,10 @@ def _method_context(runs: list[RunRecord]) -> dict[str, Any]:
 
     defaults = TrainSpec()
     return {
-        "profiles": [{"name": k, "size": _get(v, "data", "size"), "epochs": _get(v, "train", "epochs")}
-                     for k, v in PROFILES.items()],
+        "profiles": [
+            {"name": k, "size": _get(v, "data", "size"), "epochs": _get(v, "train", "epochs")}
+            for k, v in PROFILES.items()
+        ],
         "used_profiles": sorted({r.spec.profile for r in runs}),
         "bins": HIST_BINS,
         "range": tuple(HIST_RANGE),
@@ -605,7 +672,8 @@ def _method_context(runs: list[RunRecord]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`python -m runner site`: render docs/ from --results, then `mkdocs build --strict` unless --no-build."""
+    """`python -m runner site`: render docs/ from --results, then `mkdocs build --strict` (skipped with
+    --no-build). Exit status: 0 ok, 2 results that cannot become pages, else mkdocs' own."""
     try:
         pages = render_site(Path(args.results), ROOT / "docs")
     except SiteError as e:
@@ -614,5 +682,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"rendered {len(pages)} pages into {ROOT / 'docs'}")
     if getattr(args, "no_build", False):
         return 0
-    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml")]
-    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
+    return build_site(ROOT / "mkdocs.yml").returncode
+
+
+def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `mkdocs build --strict -f config` with this interpreter, from the config's folder."""
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config)]
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # silence Material's end-of-life banner in logs
+    cwd = Path(config).parent
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=capture, text=True, check=False)

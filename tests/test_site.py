@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -65,7 +63,9 @@ def _notebook(path: Path, error: bool = False) -> None:
     cell = nbformat.v4.new_code_cell("print('hi')", execution_count=1)
     cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="hi\n")]
     if error:
-        cell.outputs.append(nbformat.v4.new_output("error", ename="ValueError", evalue="\x1b[0;31mbad <b>", traceback=[]))
+        cell.outputs.append(
+            nbformat.v4.new_output("error", ename="ValueError", evalue="\x1b[0;31mbad <b>", traceback=[])
+        )
     nb.cells.append(cell)
     nbformat.write(nb, path)
 
@@ -73,21 +73,50 @@ def _notebook(path: Path, error: bool = False) -> None:
 def _metrics(spec, status: str, train: float | None, valid: float | None, error: str | None = None) -> dict:
     steps = 6 if status != "failed" else 0
     return {
-        "id": spec.id, "title": spec.title, "spec_hash": spec.content_hash(), "profile": spec.profile,
-        "status": status, "diverged_at_step": 4 if status == "diverged" else None, "error": error,
-        "params": 123456, "steps_per_epoch": 6, "steps_completed": steps, "steps_total": 6,
-        "batches": {"loss": [1.0, 0.8, 0.7, 0.6, 0.55, 0.5][:steps], "lr": [1e-3] * steps,
-                    "grad_norm": [1.0] * steps},
-        "epochs": [{"epoch": 1, "step": 6, "train_loss": train, "valid_loss": valid,
-                    "valid_loss_batch_stats": None}] if steps else [],
+        "id": spec.id,
+        "title": spec.title,
+        "spec_hash": spec.content_hash(),
+        "profile": spec.profile,
+        "status": status,
+        "diverged_at_step": 4 if status == "diverged" else None,
+        "error": error,
+        "params": 123456,
+        "steps_per_epoch": 6,
+        "steps_completed": steps,
+        "steps_total": 6,
+        "batches": {
+            "loss": [1.0, 0.8, 0.7, 0.6, 0.55, 0.5][:steps],
+            "lr": [1e-3] * steps,
+            "grad_norm": [1.0] * steps,
+        },
+        "epochs": [
+            {"epoch": 1, "step": 6, "train_loss": train, "valid_loss": valid, "valid_loss_batch_stats": None}
+        ]
+        if steps
+        else [],
         "final": {"train_loss": train, "valid_loss": valid, "valid_loss_batch_stats": None},
         "timings": {"total_s": 12.345, "step_s": 0.2},
-        "environment": {"device": "cpu", "precision": "fp32", "torch": "2.x", "diffusers": "0.x", "python": "3.x"},
+        "environment": {
+            "device": "cpu",
+            "precision": "fp32",
+            "torch": "2.x",
+            "diffusers": "0.x",
+            "python": "3.x",
+        },
     }
 
 
-def _run(results: Path, spec, status: str, train=None, valid=None, error=None, std_peak=None,
-         charts=False, notebook: str | None = None) -> Path:
+def _run(
+    results: Path,
+    spec,
+    status: str,
+    train=None,
+    valid=None,
+    error=None,
+    std_peak=None,
+    charts=False,
+    notebook: str | None = None,
+) -> Path:
     d = results / spec.id
     (d / "charts").mkdir(parents=True)
     (d / "spec.yaml").write_text(spec.to_yaml())
@@ -104,10 +133,22 @@ def _run(results: Path, spec, status: str, train=None, valid=None, error=None, s
 
 def make_results(root: Path) -> Path:
     results = root / "results"
-    good = _spec("good-run", title="Baseline *GroupNorm* & friends", notes="Course-like.\n\nSecond | para <i>x</i>.")
-    bad = _spec("bad-run", title="BatchNorm in resnets", group="norms",
-                model={"resnet_norm": "batch", "out_norm": "batch"}, train={"lr": 2e-4, "batch_size": 16})
-    failed = _spec("failed-run", title=f"Failed </title>{XSS}", group="norms", noise={"schedule": "ddim", "beta_end": 0.01})
+    good = _spec(
+        "good-run", title="Baseline *GroupNorm* & friends", notes="Course-like.\n\nSecond | para <i>x</i>."
+    )
+    bad = _spec(
+        "bad-run",
+        title="BatchNorm in resnets",
+        group="norms",
+        model={"resnet_norm": "batch", "out_norm": "batch"},
+        train={"lr": 2e-4, "batch_size": 16},
+    )
+    failed = _spec(
+        "failed-run",
+        title=f"Failed </title>{XSS}",
+        group="norms",
+        noise={"schedule": "ddim", "beta_end": 0.01},
+    )
     _run(results, good, "completed", 0.1234567, 0.2, std_peak=1.5, charts=True, notebook="ok")
     _run(results, bad, "completed", 0.3, None, std_peak=250.0, charts=True, notebook="error")
     _run(results, failed, "failed", error=f"RuntimeError: boom {XSS}\nsecond line")
@@ -170,13 +211,22 @@ def test_experiments_index_matches_golden(built) -> None:
 def test_page_list_and_copied_files(built) -> None:
     docs = built["docs"]
     rel = sorted(p.relative_to(docs).as_posix() for p in built["pages"])
-    assert rel == sorted([
-        "index.md", "method.md", "experiments/index.md", "comparisons/index.md", "insights/index.md",
-        *(f"comparisons/{k}.md" for k in KINDS),
-        *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run")),
-    ])
+    assert rel == sorted(
+        [
+            "index.md",
+            "method.md",
+            "experiments/index.md",
+            "comparisons/index.md",
+            "insights/index.md",
+            *(f"comparisons/{k}.md" for k in KINDS),
+            *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run")),
+        ]
+    )
     assert {p.name for p in (docs / "experiments" / "good-run").iterdir()} == {
-        "index.md", "notebook.ipynb", *(f"{k}.png" for k in KINDS)}
+        "index.md",
+        "notebook.ipynb",
+        *(f"{k}.png" for k in KINDS),
+    }
     assert {p.name for p in (docs / "experiments" / "failed-run").iterdir()} == {"index.md"}
     assert not [p for p in docs.iterdir() if p.name.startswith(".")], "staging folder left behind"
 
@@ -220,10 +270,14 @@ def test_comparisons_group_runs_by_spec_group(built) -> None:
     docs = built["docs"]
     page = (docs / "comparisons" / "stats.md").read_text()
     assert page.index("## baseline") < page.index("## norms")
-    assert "[bad\\-run](../experiments/bad-run/index.md), [failed\\-run](../experiments/failed-run/index.md)" in page
+    assert (
+        "[bad\\-run](../experiments/bad-run/index.md), [failed\\-run](../experiments/failed-run/index.md)"
+        in page
+    )
     assert "![Activation mean and std for group norms](stats/norms.png)" in page
     assert sorted(built["calls"]) == sorted(
-        (kind, ids, ids) for kind in KINDS for ids in (["good-run"], ["bad-run", "failed-run"]))
+        (kind, ids, ids) for kind in KINDS for ids in (["good-run"], ["bad-run", "failed-run"])
+    )
     for kind in KINDS:
         assert (docs / "comparisons" / kind / "norms.png").is_file()
 
@@ -238,6 +292,17 @@ def test_comparisons_with_real_charts(tmp_path) -> None:
         png = tmp_path / "docs" / "comparisons" / kind / "baseline.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", kind
         assert "No chart" not in (tmp_path / "docs" / "comparisons" / f"{kind}.md").read_text()
+
+
+def test_diverged_run_shows_the_step(tmp_path) -> None:
+    results = tmp_path / "results"
+    _run(results, _spec("boom"), "diverged", 0.5, None, std_peak=900.0, charts=True)
+    render_site(results, tmp_path / "docs")
+    docs = tmp_path / "docs"
+    assert '<td class="status">diverged at step 4</td>' in (docs / "experiments" / "index.md").read_text()
+    page = (docs / "experiments" / "boom" / "index.md").read_text()
+    assert '!!! warning "Diverged at step 4"' in page and "<td>900</td>" in page
+    assert "No executed notebook" in page
 
 
 def test_home_without_two_completed_runs_says_so(tmp_path) -> None:
@@ -280,8 +345,11 @@ def test_unsafe_ids_are_rejected(tmp_path) -> None:
     with pytest.raises(SiteError, match="not a safe id"):
         load_runs(results)
     with pytest.raises(SiteError, match="insight slug"):
-        render_site(tmp_path / "none", tmp_path / "docs",
-                    insights=lambda runs: InsightResult([InsightPage("../evil", "t", "b")]))
+        render_site(
+            tmp_path / "none",
+            tmp_path / "docs",
+            insights=lambda runs: InsightResult([InsightPage("../evil", "t", "b")]),
+        )
     assert not (tmp_path / "evil.md").exists()
 
 
@@ -301,8 +369,10 @@ def test_rerender_replaces_generated_pages_and_keeps_assets(tmp_path) -> None:
     (docs / "assets" / "extra.css").write_text("keep")
     outside = tmp_path / "outside.md"
     outside.write_text("keep")
+    (docs / ".render-killed").mkdir()  # staging folder of a render that was killed
     render_site(results, docs)
     assert (docs / "experiments" / "first" / "index.md").is_file()
+    assert not (docs / ".render-killed").exists()
     shutil.rmtree(results / "first")
     _run(results, _spec("second"), "completed", 0.1, 0.1)
     render_site(results, docs)
@@ -352,7 +422,7 @@ def test_specs_select_order_and_mark_missing_and_stale(tmp_path) -> None:
     render_site(results, tmp_path / "docs", specs=[_spec("pending"), changed])
     table = (tmp_path / "docs" / "experiments" / "index.md").read_text()
     assert table.index("<td>pending</td>") < table.index('<a href="ran/index.html">ran</a>')
-    assert "<td class=\"status\">not run</td>" in table and "completed (stale)" in table
+    assert '<td class="status">not run</td>' in table and "completed (stale)" in table
     page = (tmp_path / "docs" / "experiments" / "ran" / "index.md").read_text()
     assert "# New title" in page and "Stale results" in page
     assert "<tr><td><code>train.lr</code></td><td>0.001</td></tr>" in page  # what actually ran
@@ -360,13 +430,19 @@ def test_specs_select_order_and_mark_missing_and_stale(tmp_path) -> None:
 
 def test_insights_placeholder_and_provider_pages(tmp_path) -> None:
     results = tmp_path / "results"
-    render_site(results, tmp_path / "docs",
-                insights=lambda runs: InsightResult((), ("baseline (quick profile)", "bn <b>")))
+    render_site(
+        results,
+        tmp_path / "docs",
+        insights=lambda runs: InsightResult((), ("baseline (quick profile)", "bn <b>")),
+    )
     text = (tmp_path / "docs" / "insights" / "index.md").read_text()
     assert "Insight pages are generated by the suite issue" in text
     assert r"- baseline \(quick profile\)" in text and "bn &lt;b&gt;" in text
-    render_site(results, tmp_path / "docs",
-                insights=lambda runs: InsightResult([InsightPage("norms", "Norms <matter>", "Body **md**.")]))
+    render_site(
+        results,
+        tmp_path / "docs",
+        insights=lambda runs: InsightResult([InsightPage("norms", "Norms <matter>", "Body **md**.")]),
+    )
     assert "[Norms &lt;matter&gt;](norms.md)" in (tmp_path / "docs" / "insights" / "index.md").read_text()
     assert "Body **md**." in (tmp_path / "docs" / "insights" / "norms.md").read_text()
 
@@ -394,7 +470,12 @@ def _unresolved(site_dir: Path) -> list[str]:
         parser.feed(page.read_text(encoding="utf-8"))
         for ref in parser.refs:
             parts = urlsplit(ref)
-            if parts.scheme or parts.netloc or ref.startswith(("#", "/", "data:", "mailto:")) or not parts.path:
+            if (
+                parts.scheme
+                or parts.netloc
+                or ref.startswith(("#", "/", "data:", "mailto:"))
+                or not parts.path
+            ):
                 continue
             target = (page.parent / unquote(parts.path)).resolve()
             if target.is_dir():
@@ -410,8 +491,7 @@ def test_mkdocs_build_strict_and_links_resolve(built) -> None:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config.update(docs_dir=str(built["docs"]), site_dir=str(root / "site"))
     (root / "mkdocs.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(root / "mkdocs.yml")],
-                          cwd=root, capture_output=True, text=True, timeout=300)
+    proc = site.build_site(root / "mkdocs.yml", capture=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not re.search(r"^WARNING", proc.stderr, re.M), proc.stderr[-4000:]
     site_dir = root / "site"

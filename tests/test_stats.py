@@ -93,7 +93,7 @@ def test_steps_follow_root_forwards_and_recording(model, batch):
         model(x[:1], t[:1])  # validation: not recorded
         st.recording = True
         model(x[:1], t[:1])
-        model.unet.down_blocks[0].resnets[0](torch.randn(1, 32, 32, 32), None)  # not a root forward
+        model.unet.down_blocks[0].resnets[0](torch.randn(1, 32, 32, 32), torch.randn(1, 128))  # not a root forward
     assert st.steps == 2
     d = st.to_numpy()
     assert d["mean"].shape[0] == d["hist"].shape[2] == 2

@@ -1,4 +1,4 @@
-"""The training loop on tiny real inputs: repeatability, divergence, precision errors, BatchNorm validation."""
+"""The training loop on tiny real inputs: repeatability, divergence, precision, BatchNorm validation."""
 
 from __future__ import annotations
 
