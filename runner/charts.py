@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -40,8 +41,8 @@ CAPTIONS = {
     "hist": "The 'colorful dimension': for each module, a histogram of |activation| per step (time left to "
     "right, small values at the bottom, brighter = more activations); a bright band stuck at the bottom "
     "means most activations are near zero.",
-    "dead": "Share of each module's activations with |a| in the lowest histogram bin (near zero) at every "
-    "step; values creeping towards 1 mean the layer is dying or collapsing.",
+    "dead": "Share of each module's activations in the lowest histogram bin (|a| < 0.25, nearly zero) at "
+    "every step; values creeping towards 1 mean the layer is dying or collapsing.",
 }
 
 DPI = 120
@@ -215,8 +216,6 @@ def _steps(n: int) -> np.ndarray:
 
 
 def _module_colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
     # Depth order (down -> mid -> up) maps to a continuous colormap once tab10/20 run out of colours.
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
@@ -492,6 +491,8 @@ def _module_chart(runs: list[_Run], kind: str) -> Figure:
             ax.grid(alpha=0.3)
         # A fixed title position skips matplotlib's per-axes title auto-placement (slow with many axes).
         ax.set_title(short_name(run.names[m]), fontsize=9, y=1.0, pad=3)
+    steps = max((r.stats["mean"].shape[0] for r in runs if r.has(kind)), default=1)
+    axes[0, 0].set_xlim(0.5, steps + 0.5)  # else the shared x ends where the last image drawn ends
     _label_module_rows(axes, runs, "|activation|" if kind == "hist" else "dead share")
     _fix_outer_labels(axes, drawn)
     _title(fig, runs, "activation histograms" if kind == "hist" else "dead share (|a| in lowest bin)")

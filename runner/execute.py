@@ -32,6 +32,24 @@ CACHEABLE = ("completed", "diverged")
 log = logging.getLogger("runner.execute")
 
 
+class _CellChatter(logging.Filter):
+    """Keep the kernel's own output (training progress) from papermill's log, drop its cell bookkeeping."""
+
+    NOISE = (
+        "Executing Cell",
+        "Ending Cell",
+        "<IPython.core.display",
+        "Executing notebook",
+        "Input Notebook",
+        "Output Notebook",
+        "Black is not installed",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage().strip()
+        return bool(text) and not text.startswith(self.NOISE)
+
+
 @dataclass
 class Outcome:
     id: str
@@ -207,7 +225,8 @@ def summary(outcomes: list[Outcome]) -> str:
 def main(args: argparse.Namespace) -> int:
     """`python -m runner run`: exit 2 on invalid specs (nothing runs), 1 if any experiment failed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("papermill").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_CellChatter())
     try:
         specs = collect_specs(args.specs, args.profile)
     except SpecError as e:

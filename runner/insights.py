@@ -15,6 +15,7 @@ templates templates/site/insights_*.md.j2 and method_measures.md.j2 (rendered by
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -109,12 +110,31 @@ THRESHOLDS: dict[str, Threshold] = {
 }
 
 LEVELS = ("healthy", "warning", "unhealthy")
+# The groups with an insight page (insights/<group>.md), and the page titles.
 PAGE_TITLES = {"architecture": "Layer architecture insights", "hyperparameters": "Hyperparameter insights"}
+SUMMARY_TITLE = "Writeup: what makes training healthy"
+READING_TITLE = "How to read activation statistics"
+CHART_TITLES = {"loss": "Loss", "stats": "Activation mean and std", "hist": "Activation histograms",
+                "dead": "Dead activations"}
 _COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve")
 
 
 # ---------------------------------------------------------------- formatting
+
+
+def axis_slugs(axes: Iterable[str]) -> dict[str, str]:
+    """A distinct, URL- and file-safe slug per axis name (for heading anchors and chart file names):
+    lowercase letters, digits, '_' and '-' only, suffixed -2, -3 ... where two names would collide."""
+    out: dict[str, str] = {}
+    for axis in dict.fromkeys(axes):
+        base = re.sub(r"[^a-z0-9_-]+", "-", axis.lower()).strip("-_")[:60] or "axis"
+        slug, n = base, 2
+        while slug in out.values():
+            slug, n = f"{base}-{n}", n + 1
+        out[axis] = slug
+    return out
+
 
 
 def fmt(x: Any) -> str:
@@ -832,19 +852,33 @@ def _row_dict(row: Row) -> dict[str, Any]:
 
 def axis_page_context(runs: Iterable[Any], group: str, charts: ChartLinks | None = None) -> dict[str, Any]:
     """Variables of insights_axis.md.j2 for one group (e.g. "architecture"); `charts` maps an axis name to
-    [(chart kind, image path relative to the page)]."""
+    [(chart kind, image path relative to the page)]. Each axis has a `slug` (its heading's anchor)."""
     items = assess(runs)
     tables = [t for t in axis_tables(items) if t.group == group]
-    # The scale of what the page shows: its runs and the reference rows added to its tables.
-    scope = list({r.id: r.item for t in tables for r in t.rows}.values()) or items
+    slugs = axis_slugs(t.axis for t in tables)
+    # The scale of what the page shows: its runs and the reference rows added to its tables (none: the
+    # page makes no statements, so it names no scale either).
+    scope = list({r.id: r.item for t in tables for r in t.rows}.values())
     return {
         "title": PAGE_TITLES.get(group, f"{group.capitalize()} insights"),
         "group": group,
         "scale_note": scale_note(scope),
-        "axes": [{"name": t.axis, "sentences": axis_sentences(t), "columns": list(t.columns),
-                  "rows": [_row_dict(r) for r in t.rows],
-                  "charts": [tuple(c) for c in (charts or {}).get(t.axis, ())]} for t in tables],
+        "axes": [{"name": t.axis, "slug": slugs[t.axis], "sentences": axis_sentences(t),
+                  "columns": list(t.columns), "rows": [_row_dict(r) for r in t.rows],
+                  "charts": [{"kind": kind, "title": CHART_TITLES.get(kind, kind), "src": src}
+                             for kind, src in (charts or {}).get(t.axis, ())]} for t in tables],
     }
+
+
+def axis_anchors(runs: Iterable[Any]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(group, axis) -> (insight page stem, heading anchor) of that axis's section, for the groups with a
+    page (PAGE_TITLES); the template makes the link, as its file URLs depend on the site."""
+    tables = axis_tables(runs)
+    out = {}
+    for group in PAGE_TITLES:
+        slugs = axis_slugs(t.axis for t in tables if t.group == group)
+        out.update({(group, axis): (group, slug) for axis, slug in slugs.items()})
+    return out
 
 
 def _example(r: RankedRun | None, charts: Mapping[str, Mapping[str, str]] | None) -> dict[str, Any] | None:
@@ -862,17 +896,21 @@ def reading_context(runs: Iterable[Any],
                     charts: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """Variables of insights_reading.md.j2; `charts` maps a run id to {chart kind: image path}."""
     best, worst = examples(runs)
-    return {"title": "How to read activation statistics", "healthiest": _example(best, charts),
+    return {"title": READING_TITLE, "healthiest": _example(best, charts),
             "least_healthy": _example(worst, charts)}
 
 
 def summary_context(runs: Iterable[Any]) -> dict[str, Any]:
-    """Variables of insights_summary.md.j2: ranking rows, takeaways (text + ids) and the scale note."""
+    """Variables of insights_summary.md.j2: ranking rows (with `axis_anchor`: (page stem, anchor) of the
+    run's axis section, or None), takeaways (text + ids), verdict counts and the scale note."""
     items = assess(runs)
+    anchors = axis_anchors(items)
     rows = [{"rank": r.rank, "id": r.id, "title": r.title, "group": r.group, "axis": r.axis,
-             "level": r.verdict.level, "reasons": list(r.verdict.reasons), "score": fmt(r.score),
-             "max_std": fmt(r.health.max_std), "dead_late": fmt(r.health.dead_late)} for r in ranking(items)]
-    return {"title": "Summary", "scale_note": scale_note(items), "ranking": rows, "score_text": SCORE,
+             "axis_anchor": anchors.get((r.group, r.axis)), "level": r.verdict.level,
+             "reasons": list(r.verdict.reasons), "score": fmt(r.score), "max_std": fmt(r.health.max_std),
+             "dead_late": fmt(r.health.dead_late)} for r in ranking(items)]
+    return {"title": SUMMARY_TITLE, "scale_note": scale_note(items), "ranking": rows, "score_text": SCORE,
+            "counts": {level: sum(r["level"] == level for r in rows) for level in LEVELS},
             "takeaways": [{"text": t.text, "ids": list(t.ids)} for t in takeaways(items)]}
 
 

@@ -6,8 +6,12 @@ Pages (all generated; docs/assets/ is the only hand-written part of docs/ and is
 - ``experiments/index.md``        sortable table of every run (docs/assets/sort.js sorts it in the browser)
 - ``experiments/<id>/index.md``   one run: status, resolved spec, metrics, charts, executed notebook
 - ``comparisons/index.md``, ``comparisons/<kind>.md``   one comparison chart per spec group and chart kind
-- ``insights/index.md`` (+ pages) from an insights provider, else a placeholder naming what is missing
-- ``method.md``                   how runs are made and what the statistics mean
+- ``insights/index.md``, ``insights/{summary,architecture,hyperparameters,reading}.md``   health verdicts,
+  per-axis tables, sentences and comparison charts (``insights/charts/``) from runner.insights
+- ``method.md``                   how runs are made, what the statistics mean, the health measures
+
+Health (measures, verdicts, ranking) has one source, runner.insights: each run is assessed once per
+render (reading its stats.npz once) and every page that shows a max std or a verdict takes it from there.
 
 Everything that comes from a spec or a run (titles, notes, error messages) is untrusted text: the
 Jinja environment autoescapes, tables are raw HTML (so Markdown syntax inside values stays inert), and
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
+from runner import insights as ins
 from runner.spec import SAFE_ID, Spec, SpecError, load_resolved
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,14 +53,12 @@ DASH = "\u2014"
 # runner.stats imports torch, which rendering pages should not wait for.
 HIST_BINS, HIST_RANGE = 40, (0.0, 10.0)
 
-# Fallbacks used only while runner.charts cannot be imported (its CAPTIONS are the real ones).
+# Fallback used only while runner.charts cannot be imported (its CHART_KINDS are the real ones).
 FALLBACK_KINDS = ("loss", "stats", "hist", "dead")
-KIND_TITLES = {
-    "loss": "Loss",
-    "stats": "Activation mean and std",
-    "hist": "Activation histograms",
-    "dead": "Dead activations",
-}
+KIND_TITLES = ins.CHART_TITLES
+# Comparison charts per axis on the insight pages: activations first, the loss last.
+INSIGHT_KINDS = ("stats", "hist", "dead", "loss")
+EXAMPLE_KINDS = ("stats", "hist", "dead")  # the charts the home page shows its two examples with
 
 
 class SiteError(ValueError):
@@ -78,10 +81,6 @@ class RunRecord:
     @property
     def status(self) -> str:
         return str(self.metrics.get("status") or "failed")
-
-    def max_std(self) -> float | None:
-        """Largest finite per-module activation std over all steps (stats.npz), None without stats."""
-        return _max_std(self.run_dir / "stats.npz")
 
 
 def safe_id(value: str, what: str = "id") -> str:
@@ -128,50 +127,6 @@ def load_run(run_dir: Path) -> RunRecord:
         raise SiteError(f"{run_dir}: spec.yaml has id {spec.id!r}; expected the folder name {run_id!r}")
     charts = {p.stem: p for p in sorted((run_dir / "charts").glob("*.png")) if SAFE_ID.match(p.stem)}
     return RunRecord(id=run_id, spec=spec, metrics=metrics, run_dir=run_dir, charts=charts)
-
-
-def _max_std(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            std = np.asarray(f["std"], dtype=float)
-    except (OSError, ValueError, KeyError):
-        return None
-    std = std[np.isfinite(std)]
-    return float(std.max()) if std.size else None
-
-
-# ---------------------------------------------------------------- insights provider
-#
-# An insights provider is a callable(runs: list[RunRecord]) -> InsightResult. Its Markdown bodies are
-# inserted verbatim (they are code-made), so a provider must pass run-derived text through `md_text`
-# or `escape` itself. Without a provider argument, render_site uses runner.insights.site_pages if it
-# exists.
-
-
-@dataclass(frozen=True)
-class InsightPage:
-    slug: str  # file name (SAFE_ID) under insights/
-    title: str
-    markdown: str  # body, trusted Markdown
-
-
-@dataclass(frozen=True)
-class InsightResult:
-    pages: Sequence[InsightPage] = ()
-    missing: Sequence[str] = ()  # what the pages would need: run ids or a sentence each
-
-
-InsightsProvider = Callable[[list[RunRecord]], InsightResult]
-
-
-def _default_insights() -> InsightsProvider | None:
-    try:
-        from runner import insights
-    except ImportError:
-        return None
-    return getattr(insights, "site_pages", None)
 
 
 # ---------------------------------------------------------------- Jinja environment and filters
@@ -340,8 +295,9 @@ def _entries(runs: list[RunRecord], specs: Sequence[Spec] | None) -> list[Entry]
     return out
 
 
-def _row(entry: Entry, max_std: float | None) -> dict[str, Any]:
-    """Table row view: resolved fields from the run's own spec (what ran), text from the given spec."""
+def _row(entry: Entry, item: ins.Assessed | None) -> dict[str, Any]:
+    """Table row view: resolved fields from the run's own spec (what ran), text from the given spec,
+    health (max std, verdict) from the run's assessment (None: not run)."""
     spec = entry.run.spec if entry.run else entry.spec
     m = spec.model
     metrics = entry.run.metrics if entry.run else {}
@@ -363,7 +319,10 @@ def _row(entry: Entry, max_std: float | None) -> dict[str, Any]:
         "stale": entry.stale,
         "train_loss": _get(metrics, "final", "train_loss"),
         "valid_loss": _get(metrics, "final", "valid_loss"),
-        "max_std": max_std,
+        "max_std": item.health.max_std if item else None,
+        "verdict": item.verdict.level if item else None,
+        "verdict_rank": ins.LEVELS.index(item.verdict.level) if item else None,
+        "reasons": list(item.verdict.reasons) if item else [],
     }
 
 
@@ -373,7 +332,7 @@ def _experiment_page(
     kinds: Sequence[str],
     captions: dict[str, str],
     notebook: tuple[bool, list[str]] | None,
-    max_std: float | None,
+    item: ins.Assessed,
 ) -> dict[str, Any]:
     m = run.metrics
     ordered = [k for k in kinds if k in run.charts] + sorted(set(run.charts) - set(kinds))
@@ -390,6 +349,9 @@ def _experiment_page(
         "run_hash": m.get("spec_hash"),
         "spec_hash": entry.spec.content_hash(),
         "seed_name": _seed_name(run.spec),
+        "verdict": item.verdict.level,
+        "reasons": list(item.verdict.reasons),
+        "max_std_module": item.health.max_std_module,
         "spec_rows": _spec_rows(run.spec),
         "metrics": {
             "train_loss": _get(m, "final", "train_loss"),
@@ -409,7 +371,7 @@ def _experiment_page(
                 if (v := _get(m, "environment", k)) is not None
             ),
             "profile": m.get("profile") or run.spec.profile,
-            "max_std": max_std,
+            "max_std": item.health.max_std,
         },
         "epochs": [e for e in m.get("epochs") or [] if isinstance(e, dict)],
         "charts": [
@@ -445,25 +407,22 @@ def render_site(
     results_dir: Path,
     docs_dir: Path,
     specs: list[Spec] | None = None,
-    insights: InsightsProvider | None = None,
 ) -> list[Path]:
     """Render every page from the run folders in `results_dir` into `docs_dir`; return the pages written.
 
     `specs` (optional) selects and orders the experiments (specs without a run are listed as "not run";
     titles/notes come from these specs, resolved fields from each run's own spec.yaml, and runs whose
-    spec_hash differs are marked stale). `insights` defaults to runner.insights.site_pages if present.
-    Previously generated pages are replaced; docs_dir/assets/ is kept.
+    spec_hash differs are marked stale). Previously generated pages are replaced; docs_dir/assets/ is kept.
     """
     results_dir, docs_dir = Path(results_dir), Path(docs_dir)
     _check_docs_dir(docs_dir, results_dir)
     runs = load_runs(results_dir)
     entries = _entries(runs, specs)
-    provider = insights if insights is not None else _default_insights()
     docs_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=docs_dir))
     try:
         writer = _Writer(environment(), stage)
-        _render_all(writer, entries, provider)
+        _render_all(writer, entries)
         _swap_in(stage, docs_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -497,27 +456,30 @@ def _swap_in(stage: Path, docs_dir: Path) -> None:
             new.replace(docs_dir / new.name)
 
 
-def _render_all(w: _Writer, entries: list[Entry], provider: InsightsProvider | None) -> None:
+def _render_all(w: _Writer, entries: list[Entry]) -> None:
     kinds, captions, comparison_chart = _charts_api()
     runs = [e.run for e in entries if e.run is not None]
-    stds = {r.id: r.max_std() for r in runs}
-    rows = [_row(e, stds.get(e.id)) for e in entries]
+    items = {i.id: i for i in ins.assess(runs)}  # reads each stats.npz, once for every page
+    rows = [_row(e, items[e.id] if e.run is not None else None) for e in entries]
     for e in entries:
         if e.run is not None:
-            _render_experiment(w, e, e.run, kinds, captions, stds[e.id])
+            _render_experiment(w, e, e.run, kinds, captions, items[e.id])
     titles = {k: KIND_TITLES.get(k, k.capitalize()) for k in kinds}
     w.page("experiments/index.md", "experiments.md.j2", rows=rows, counts=_counts(rows))
+    ready = [i for i in items.values() if i.health.has_stats and all(k in i.charts for k in EXAMPLE_KINDS)]
     w.page(
         "index.md",
         "home.md.j2",
-        examples=_examples(runs, stds),
+        examples=_examples(ready),
+        examples_ready=len(ready),
+        verdicts=_verdict_counts(items.values()),
         captions=captions,
         titles=titles,
         counts=_counts(rows),
         kinds=kinds,
     )
     _render_comparisons(w, entries, kinds, captions, titles, comparison_chart)
-    _render_insights(w, runs, provider)
+    _render_insights(w, runs, list(items.values()), kinds, comparison_chart)
     w.page("method.md", "method.md.j2", **_method_context(runs))
 
 
@@ -527,7 +489,7 @@ def _render_experiment(
     run: RunRecord,
     kinds: Sequence[str],
     captions: dict[str, str],
-    max_std: float | None,
+    item: ins.Assessed,
 ) -> None:
     base = f"experiments/{safe_id(run.id)}"
     for stem, png in run.charts.items():
@@ -539,7 +501,7 @@ def _render_experiment(
     w.page(
         f"{base}/index.md",
         "experiment.md.j2",
-        run=_experiment_page(entry, run, kinds, captions, notebook, max_std),
+        run=_experiment_page(entry, run, kinds, captions, notebook, item),
     )
 
 
@@ -550,21 +512,23 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _examples(runs: list[RunRecord], stds: dict[str, float | None]) -> dict[str, Any] | None:
-    """Good and bad example: completed runs with the lowest and highest max std (and the three charts)."""
-    need = ("stats", "hist", "dead")
-    ok = [
-        r
-        for r in runs
-        if r.status == "completed" and stds[r.id] is not None and all(k in r.charts for k in need)
-    ]
-    if len(ok) < 2:
+def _verdict_counts(items: Iterable[ins.Assessed]) -> dict[str, int]:
+    levels = [i.verdict.level for i in items]
+    return {"total": len(levels), **{level: levels.count(level) for level in ins.LEVELS}}
+
+
+def _examples(ready: list[ins.Assessed]) -> dict[str, Any] | None:
+    """Healthiest and least healthy of the runs with statistics and the example charts, by the insights
+    ranking (verdict, then health score); None with fewer than two such runs."""
+    best, worst = ins.examples(ready, EXAMPLE_KINDS)
+    if best is None or worst is None:
         return None
-    ok.sort(key=lambda r: (stds[r.id], r.id))
     return {
-        "kinds": need,
-        "good": {"id": ok[0].id, "title": ok[0].spec.title or ok[0].id, "max_std": stds[ok[0].id]},
-        "bad": {"id": ok[-1].id, "title": ok[-1].spec.title or ok[-1].id, "max_std": stds[ok[-1].id]},
+        "kinds": EXAMPLE_KINDS,
+        **{
+            key: {"id": r.id, "title": r.title, "level": r.verdict.level, "max_std": ins.fmt(r.health.max_std)}
+            for key, r in (("good", best), ("bad", worst))
+        },
     }
 
 
@@ -632,23 +596,83 @@ def _render_comparisons(
     )
 
 
-def _render_insights(w: _Writer, runs: list[RunRecord], provider: InsightsProvider | None) -> None:
-    result = provider(runs) if provider is not None else None
-    pages = list(result.pages) if result is not None else []
-    for page in pages:
-        w.page(
-            f"insights/{safe_id(page.slug, 'insight slug')}.md",
-            "insight.md.j2",
-            title=page.title,
-            body=Markup(page.markdown),
-        )
-    w.page(
-        "insights/index.md",
-        "insights.md.j2",
-        has_provider=provider is not None,
-        pages=[{"slug": p.slug, "title": p.title} for p in pages],
-        missing=list(result.missing) if result is not None else [],
-    )
+def _render_insights(
+    w: _Writer,
+    runs: list[RunRecord],
+    items: list[ins.Assessed],
+    kinds: Sequence[str],
+    comparison_chart: Callable[..., Path] | None,
+) -> None:
+    """insights/: one page per group with axis tables and comparison charts, the reading guide, the
+    writeup (summary) and the index. `items` are the assessed `runs`."""
+    tables = ins.axis_tables(items)
+    for group in ins.PAGE_TITLES:
+        mine = [t for t in tables if t.group == group]
+        slugs = ins.axis_slugs(t.axis for t in mine)
+        charts = {
+            t.axis: _axis_charts(w, t, f"{group}-{slugs[t.axis]}", kinds, comparison_chart) for t in mine
+        }
+        w.page(f"insights/{group}.md", "insights_axis.md.j2", **ins.axis_page_context(items, group, charts))
+    run_charts = {r.id: {k: f"../experiments/{r.id}/{k}.png" for k in r.charts} for r in runs}
+    w.page("insights/reading.md", "insights_reading.md.j2", **ins.reading_context(items, run_charts))
+    w.page("insights/summary.md", "insights_summary.md.j2", **ins.summary_context(items))
+    w.page("insights/index.md", "insights.md.j2", **_insights_index(items, tables))
+
+
+def _axis_charts(
+    w: _Writer,
+    table: ins.AxisTable,
+    stem: str,
+    kinds: Sequence[str],
+    comparison_chart: Callable[..., Path] | None,
+) -> list[tuple[str, str]]:
+    """Draw the comparison charts of one axis table into insights/charts/<stem>-<kind>.png; returns
+    [(kind, path relative to the insight page)] of those drawn (a failed chart is warned about and left
+    out, so one bad run folder does not stop the site)."""
+    if comparison_chart is None:
+        return []
+    out = []
+    for kind in (k for k in INSIGHT_KINDS if k in kinds):
+        rel = f"charts/{stem}-{kind}.png"
+        try:
+            comparison_chart(
+                [r.item.run.run_dir for r in table.rows], kind, w.stage / "insights" / rel, [r.id for r in table.rows]
+            )
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            warnings.warn(f"insight chart {stem}/{kind}: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        out.append((kind, rel))
+    return out
+
+
+def _insights_index(items: list[ins.Assessed], tables: list[ins.AxisTable]) -> dict[str, Any]:
+    groups = []
+    for group in ins.PAGE_TITLES:
+        mine = [t for t in tables if t.group == group]
+        n = len({r.id for t in mine for r in t.rows})
+        groups.append((group, n, len(mine)))
+
+    def runs_text(n: int, axes: int) -> str:
+        if not n:
+            return "no runs yet."
+        return f"{n} run{'s' if n != 1 else ''} on {axes} ax{'es' if axes != 1 else 'is'}."
+
+    (_, arch_n, arch_axes), (_, hyper_n, hyper_axes) = groups
+    counts = _verdict_counts(items)
+    pages = [
+        {"file": "summary.md", "title": ins.SUMMARY_TITLE,
+         "text": "every run ranked by health, with the measured takeaways and links to the evidence."},
+        {"file": "architecture.md", "title": ins.PAGE_TITLES["architecture"],
+         "text": "normalisation, initialisation and other layer choices, one table and chart set per axis; "
+         + runs_text(arch_n, arch_axes)},
+        {"file": "hyperparameters.md", "title": ins.PAGE_TITLES["hyperparameters"],
+         "text": "learning rate, batch size, noise schedule, width and more against the Diffusers baseline; "
+         + runs_text(hyper_n, hyper_axes)},
+        {"file": "reading.md", "title": ins.READING_TITLE,
+         "text": "the three activation charts explained with the healthiest and least healthy runs."},
+    ]
+    elsewhere = sorted({i.spec.group for i in items} - set(ins.PAGE_TITLES))
+    return {"pages": pages, "counts": counts, "total": counts["total"], "elsewhere": elsewhere}
 
 
 def _method_context(runs: list[RunRecord]) -> dict[str, Any]:
@@ -665,6 +689,7 @@ def _method_context(runs: list[RunRecord]) -> dict[str, Any]:
         "range": tuple(HIST_RANGE),
         "bin_width": (HIST_RANGE[1] - HIST_RANGE[0]) / HIST_BINS,
         "train": defaults,
+        **ins.method_context(),
     }
 
 

@@ -268,6 +268,11 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _prefer_bincount(device: torch.device) -> bool:
+    """bincount on CPU (faster than histc there, see _hist_bincount); histc on other devices."""
+    return device.type == "cpu"
+
+
 class _DeviceBuffers:
     """Preallocated per-chunk buffers on the model's device, plus scratch space for the histogram."""
 
@@ -281,8 +286,7 @@ class _DeviceBuffers:
         self._u8 = torch.empty(0, dtype=torch.uint8, device=device)
         self._mask = torch.empty(0, dtype=torch.bool, device=device)
         self._drop = torch.tensor(float(_RAW_BINS), device=device)
-        # bincount on CPU (faster than histc there); histc elsewhere. A switch so benchmarks can compare.
-        self.use_bincount = device.type == "cpu"
+        self.use_bincount = _prefer_bincount(device)
 
     def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._f32.numel() < n:

@@ -183,6 +183,7 @@ def test_comparison_hist_shares_colour_scale_per_column(ok_run: Path, diverged_r
     assert len(images) == 2 * len(NAMES)
     assert len({im.get_clim() for im in images[:: len(NAMES)]}) == 1
     assert images[0].origin == "lower"
+    assert fig.axes[0].get_xlim() == (0.5, STEPS + 0.5)  # the longer run sets the shared time axis
 
 
 def test_comparison_rejects_bad_arguments(ok_run: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from runner import stats as stats_mod
 from runner.models import build, is_attention_block, is_residual_block
 from runner.spec import build_spec
 from runner.stats import HIST_BINS, HIST_RANGE, ActivationStats, dead_share, load_stats
@@ -72,7 +73,9 @@ def test_recorded_stats_equal_direct_computation(model, batch):
     assert d["hist"].sum() > 0
 
 
-def test_histogram_edges_match_histc():
+@pytest.mark.parametrize("bincount", [True, False], ids=["bincount", "histc"])
+def test_histogram_edges_match_histc(bincount, monkeypatch):
+    monkeypatch.setattr(stats_mod, "_prefer_bincount", lambda device: bincount)  # False: the CUDA code path
     # 0.25-wide bins closed on the left, the last one closed at 10; above 10, NaN and inf are dropped.
     x = torch.tensor([0.0, -0.0, 0.2499, 0.25, -0.25, 9.75, 9.99, 10.0, -10.0, 10.001, 10.2, 10.25, 11.0,
                       float("inf"), float("-inf"), float("nan"), 3.3, -7.126])
@@ -93,7 +96,8 @@ def test_steps_follow_root_forwards_and_recording(model, batch):
         model(x[:1], t[:1])  # validation: not recorded
         st.recording = True
         model(x[:1], t[:1])
-        model.unet.down_blocks[0].resnets[0](torch.randn(1, 32, 32, 32), torch.randn(1, 128))  # not a root forward
+        resnet = model.unet.down_blocks[0].resnets[0]
+        resnet(torch.randn(1, 32, 32, 32), torch.randn(1, 128))  # a submodule alone: not a root forward
     assert st.steps == 2
     d = st.to_numpy()
     assert d["mean"].shape[0] == d["hist"].shape[2] == 2

@@ -1,0 +1,130 @@
+"""End to end: specs -> papermill notebooks -> results/ -> pages -> `mkdocs build --strict`.
+
+Two tiny experiments and one made to fail run through the real template notebook; a second
+invocation must come from the cache; the built site must have every page, and every image
+and link in it must resolve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from test_site import _unresolved  # the link checker the site tests use
+
+from runner import execute, site
+from runner.spec import SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "model: {block_out_channels: [32, 64], blocks: DA, layers_per_block: 1}\ntrain: {batch_size: 16}\n"
+SPECS = {
+    "tiny_group": "title: Tiny GroupNorm\ngroup: architecture\naxis: norm\n" + TINY,
+    "tiny_batch": "title: Tiny BatchNorm\ngroup: architecture\naxis: norm\n"
+    "model: {block_out_channels: [32, 64], blocks: DA, layers_per_block: 1, resnet_norm: batch}\n"
+    "train: {batch_size: 16}\n",
+    # 144 smoke-profile latents make no batch of 1000: the notebook raises inside train().
+    "tiny_fails": "title: Made to fail\ngroup: hyperparameters\naxis: batch size\ntrain: {batch_size: 1000}\n",
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("project")
+    for name, text in SPECS.items():
+        (root / "experiments").mkdir(exist_ok=True)
+        (root / "experiments" / f"{name}.yaml").write_text(text)
+    results = root / "results"
+    args = argparse.Namespace(
+        specs=[str(root / "experiments")], profile="smoke", results=str(results), force=False
+    )
+    # A folder runs the specs whose suites include the profile: add smoke to each.
+    for path in (root / "experiments").glob("*.yaml"):
+        path.write_text(path.read_text() + "suites: [smoke]\n")
+    first = execute.main(args)
+    stamps = {p: p.stat().st_mtime_ns for p in results.glob("*/notebook.ipynb")}
+    second = execute.main(args)
+    return {"root": root, "results": results, "args": args, "codes": (first, second), "stamps": stamps}
+
+
+def test_failed_experiment_is_recorded_and_the_suite_goes_on(suite):
+    results = suite["results"]
+    assert suite["codes"][0] == 1, "a failed experiment makes the exit status 1"
+    failed = json.loads((results / "tiny_fails" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "no full batch" in failed["error"]
+    for run_id in ("tiny_group", "tiny_batch"):
+        run = results / run_id
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["steps_completed"] == 9
+        for name in (
+            "spec.yaml",
+            "stats.npz",
+            "notebook.ipynb",
+            *(f"charts/{k}.png" for k in ("loss", "stats", "hist", "dead")),
+        ):
+            assert (run / name).is_file(), f"{run_id}/{name}"
+        nb = json.loads((run / "notebook.ipynb").read_text())
+        assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not [p for p in results.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+    summary = json.loads((results / "suite.json").read_text())
+    assert {r["id"]: r["cached"] for r in summary["runs"]} == {
+        "tiny_batch": True,
+        "tiny_fails": False,
+        "tiny_group": True,
+    }
+
+
+def test_second_invocation_runs_no_training(suite):
+    results = suite["results"]
+    assert len(suite["stamps"]) == 3
+    for path, stamp in suite["stamps"].items():
+        if "tiny_fails" not in str(path):
+            assert path.stat().st_mtime_ns == stamp, f"{path} was re-executed"
+    spec_a = execute.collect_specs([str(suite["root"] / "experiments")], "smoke")
+    assert all(execute.cache_hit(s, results / s.id) for s in spec_a if s.id != "tiny_fails")
+
+
+def test_site_builds_strict_with_every_page_and_link(suite):
+    root = suite["root"]
+    docs = root / "docs"
+    pages = site.render_site(suite["results"], docs)
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config.update(docs_dir=str(docs), site_dir=str(root / "site"))
+    (root / "mkdocs.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = site.build_site(root / "mkdocs.yml", capture=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not re.search(r"^WARNING", proc.stderr, re.M), proc.stderr[-4000:]
+    built = root / "site"
+    for page in pages:
+        assert (built / page.relative_to(docs).with_suffix(".html")).is_file(), page
+    assert _unresolved(built) == []
+    index = (built / "experiments" / "index.html").read_text()
+    row = re.search(r"<tr>(?:(?!</tr>).)*tiny_fails(?:(?!</tr>).)*</tr>", index, re.S)
+    assert row and "failed" in row.group(0)
+    page = (built / "experiments" / "tiny_group" / "index.html").read_text()
+    for kind in ("loss", "stats", "hist", "dead"):
+        assert f"{kind}.png" in page
+    assert (built / "experiments" / "tiny_group" / "notebook.html").is_file()
+
+
+def test_invalid_spec_stops_everything_before_work(tmp_path, capsys):
+    (tmp_path / "good.yaml").write_text(TINY)
+    (tmp_path / "bad.yaml").write_text("train: {lr: -1}\n")
+    args = argparse.Namespace(
+        specs=[str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml")],
+        profile="smoke",
+        results=str(tmp_path / "results"),
+        force=False,
+    )
+    assert execute.main(args) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(SpecError, match="duplicate experiment ids"):
+        (tmp_path / "sub").mkdir()
+        (tmp_path / "sub" / "good.yaml").write_text(TINY)
+        execute.collect_specs([str(tmp_path / "good.yaml"), str(tmp_path / "sub" / "good.yaml")], "smoke")
