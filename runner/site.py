@@ -2,7 +2,7 @@
 
 Pages (all generated; docs/assets/ is the only hand-written part of docs/ and is never touched):
 
-- ``index.md``                    home: what the lab studies, how to read the charts, good/bad examples
+- ``index.md``                    home: what the lab studies, writeup link, healthiest/least healthy examples
 - ``experiments/index.md``        sortable table of every run (docs/assets/sort.js sorts it in the browser)
 - ``experiments/<id>/index.md``   one run: status, resolved spec, metrics, charts, executed notebook
 - ``comparisons/index.md``, ``comparisons/<kind>.md``   one comparison chart per spec group and chart kind
@@ -333,6 +333,7 @@ def _experiment_page(
     captions: dict[str, str],
     notebook: tuple[bool, list[str]] | None,
     item: ins.Assessed,
+    axis_anchor: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     m = run.metrics
     ordered = [k for k in kinds if k in run.charts] + sorted(set(run.charts) - set(kinds))
@@ -341,6 +342,8 @@ def _experiment_page(
         "title": entry.spec.title or run.id,
         "notes": [p for p in re.split(r"\n\s*\n", entry.spec.notes.strip()) if p],
         "group": entry.spec.group,
+        "axis": run.spec.axis,
+        "axis_anchor": axis_anchor,  # (insight page stem, heading anchor) of the run's axis, or None
         "status": m.get("status") or "failed",
         "status_text": status_text(m),
         "diverged_at": m.get("diverged_at_step"),
@@ -461,9 +464,11 @@ def _render_all(w: _Writer, entries: list[Entry]) -> None:
     runs = [e.run for e in entries if e.run is not None]
     items = {i.id: i for i in ins.assess(runs)}  # reads each stats.npz, once for every page
     rows = [_row(e, items[e.id] if e.run is not None else None) for e in entries]
+    anchors = ins.axis_anchors(items.values())
     for e in entries:
         if e.run is not None:
-            _render_experiment(w, e, e.run, kinds, captions, items[e.id])
+            anchor = anchors.get((e.run.spec.group, e.run.spec.axis))
+            _render_experiment(w, e, e.run, kinds, captions, items[e.id], anchor)
     titles = {k: KIND_TITLES.get(k, k.capitalize()) for k in kinds}
     w.page("experiments/index.md", "experiments.md.j2", rows=rows, counts=_counts(rows))
     ready = [i for i in items.values() if i.health.has_stats and all(k in i.charts for k in EXAMPLE_KINDS)]
@@ -490,6 +495,7 @@ def _render_experiment(
     kinds: Sequence[str],
     captions: dict[str, str],
     item: ins.Assessed,
+    axis_anchor: tuple[str, str] | None,
 ) -> None:
     base = f"experiments/{safe_id(run.id)}"
     for stem, png in run.charts.items():
@@ -501,7 +507,7 @@ def _render_experiment(
     w.page(
         f"{base}/index.md",
         "experiment.md.j2",
-        run=_experiment_page(entry, run, kinds, captions, notebook, item),
+        run=_experiment_page(entry, run, kinds, captions, notebook, item, axis_anchor),
     )
 
 
@@ -523,13 +529,11 @@ def _examples(ready: list[ins.Assessed]) -> dict[str, Any] | None:
     best, worst = ins.examples(ready, EXAMPLE_KINDS)
     if best is None or worst is None:
         return None
-    return {
-        "kinds": EXAMPLE_KINDS,
-        **{
-            key: {"id": r.id, "title": r.title, "level": r.verdict.level, "max_std": ins.fmt(r.health.max_std)}
-            for key, r in (("good", best), ("bad", worst))
-        },
-    }
+
+    def view(r: ins.RankedRun) -> dict[str, Any]:
+        return {"id": r.id, "title": r.title, "level": r.verdict.level, "max_std": ins.fmt(r.health.max_std)}
+
+    return {"kinds": EXAMPLE_KINDS, "good": view(best), "bad": view(worst)}
 
 
 def _slug(text: str, taken: set[str]) -> str:
@@ -635,9 +639,8 @@ def _axis_charts(
     for kind in (k for k in INSIGHT_KINDS if k in kinds):
         rel = f"charts/{stem}-{kind}.png"
         try:
-            comparison_chart(
-                [r.item.run.run_dir for r in table.rows], kind, w.stage / "insights" / rel, [r.id for r in table.rows]
-            )
+            run_dirs = [r.item.run.run_dir for r in table.rows]
+            comparison_chart(run_dirs, kind, w.stage / "insights" / rel, [r.id for r in table.rows])
         except Exception as e:  # noqa: BLE001 - see the docstring
             warnings.warn(f"insight chart {stem}/{kind}: {type(e).__name__}: {e}", stacklevel=2)
             continue
@@ -645,32 +648,32 @@ def _axis_charts(
     return out
 
 
+_PAGE_TEXTS = {
+    "architecture": "normalisation in the residual and attention blocks and other layer choices",
+    "hyperparameters": "learning rate, batch size, noise schedule, init, width and more, each against the "
+    "Diffusers baseline",
+}
+
+
 def _insights_index(items: list[ins.Assessed], tables: list[ins.AxisTable]) -> dict[str, Any]:
-    groups = []
-    for group in ins.PAGE_TITLES:
+    pages = [
+        {
+            "file": "summary.md",
+            "title": ins.SUMMARY_TITLE,
+            "text": "every run ranked by health, with the measured takeaways and links to the evidence.",
+        },
+    ]
+    for group, title in ins.PAGE_TITLES.items():
         mine = [t for t in tables if t.group == group]
         n = len({r.id for t in mine for r in t.rows})
-        groups.append((group, n, len(mine)))
-
-    def runs_text(n: int, axes: int) -> str:
-        if not n:
-            return "no runs yet."
-        return f"{n} run{'s' if n != 1 else ''} on {axes} ax{'es' if axes != 1 else 'is'}."
-
-    (_, arch_n, arch_axes), (_, hyper_n, hyper_axes) = groups
+        axes = f"{len(mine)} ax{'es' if len(mine) != 1 else 'is'}"
+        runs = f"{n} run{'s' if n != 1 else ''} on {axes}" if n else "no runs yet"
+        pages.append(
+            {"file": f"{group}.md", "title": title, "text": f"{_PAGE_TEXTS.get(group, title)}; {runs}."}
+        )
+    reading = "the three activation charts explained with the healthiest and least healthy runs."
+    pages.append({"file": "reading.md", "title": ins.READING_TITLE, "text": reading})
     counts = _verdict_counts(items)
-    pages = [
-        {"file": "summary.md", "title": ins.SUMMARY_TITLE,
-         "text": "every run ranked by health, with the measured takeaways and links to the evidence."},
-        {"file": "architecture.md", "title": ins.PAGE_TITLES["architecture"],
-         "text": "normalisation, initialisation and other layer choices, one table and chart set per axis; "
-         + runs_text(arch_n, arch_axes)},
-        {"file": "hyperparameters.md", "title": ins.PAGE_TITLES["hyperparameters"],
-         "text": "learning rate, batch size, noise schedule, width and more against the Diffusers baseline; "
-         + runs_text(hyper_n, hyper_axes)},
-        {"file": "reading.md", "title": ins.READING_TITLE,
-         "text": "the three activation charts explained with the healthiest and least healthy runs."},
-    ]
     elsewhere = sorted({i.spec.group for i in items} - set(ins.PAGE_TITLES))
     return {"pages": pages, "counts": counts, "total": counts["total"], "elsewhere": elsewhere}
 

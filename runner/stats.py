@@ -19,6 +19,7 @@ chunk of steps, so recording never synchronises the host with the device per bat
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["HIST_BINS", "HIST_RANGE", "ActivationStats", "dead_share", "load_stats", "module_filter"]
+__all__ = [
+    "HIST_BINS", "HIST_RANGE", "ActivationStats", "dead_share", "load_stats", "module_filter", "save_stats",
+]
 
 HIST_BINS = 40
 HIST_RANGE = (0.0, 10.0)
 # Bins per unit of |x|: with 0.25-wide bins, floor(|x| * 4) is the bin and every edge is exact in float.
 _PER_UNIT = HIST_BINS / (HIST_RANGE[1] - HIST_RANGE[0])
 # Raw histogram columns: 40 bins, then |x| == 10 exactly (histc's closed last edge, folded into bin 39
-# on the host). Values above 10 and NaN go to column 41, which is never stored (histc drops them).
+# on the host). Values above 10, inf and NaN are not counted (histc drops them).
 _RAW_BINS = HIST_BINS + 1
+# The float32 just below -40: b > _KEEP_ABOVE  <=>  b >= -40  <=>  |x| <= 10 for b = -4|x|.
+_KEEP_ABOVE = float(torch.nextafter(torch.tensor(-4.0 * HIST_RANGE[1]), torch.tensor(-math.inf)))
 DEFAULT_CHUNK = 256
 
 ModuleFilter = Callable[[str, nn.Module], bool]
@@ -177,6 +182,8 @@ class ActivationStats:
         if self._buf is None:
             self._buf = _DeviceBuffers(self.chunk_size, len(self.names), _model_device(self.model))
         elif self._row == self.chunk_size:
+            for done in self._chunks:
+                done.settle()  # chunks whose copy has landed give their pinned memory back
             self._chunks.append(self._buf.flush(self._row))
             self._row = 0
         self._cur = self._row
@@ -268,6 +275,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _flat_view(x: torch.Tensor) -> torch.Tensor | None:
+    """x's elements as a 1-D view in memory order, when they are dense (contiguous or permuted, e.g.
+    channels_last, as the attention blocks leave them); None otherwise. Statistics ignore order."""
+    if x.is_contiguous():
+        return x.view(-1)
+    dims = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+    p = x.permute(dims)
+    return p.view(-1) if p.is_contiguous() else None
+
+
 def _prefer_bincount(device: torch.device) -> bool:
     """bincount on CPU (faster than histc there, see _hist_bincount); histc on other devices."""
     return device.type == "cpu"
@@ -283,48 +300,54 @@ class _DeviceBuffers:
         self.hist = torch.zeros((chunk, modules, _RAW_BINS), dtype=torch.int64, device=device)
         # Reused scratch (grown on demand): fresh allocations of MB-sized tensors cost page faults on CPU.
         self._f32 = torch.empty(0, device=device)
-        self._u8 = torch.empty(0, dtype=torch.uint8, device=device)
-        self._mask = torch.empty(0, dtype=torch.bool, device=device)
-        self._drop = torch.tensor(float(_RAW_BINS), device=device)
+        self._i8 = torch.empty(0, dtype=torch.int8, device=device)
+        # bincount's slot for bin k: the int8 value -k read as uint8 (see _hist_bincount).
+        self._slots = torch.tensor([(256 - k) % 256 for k in range(_RAW_BINS)], device=device)
         self.use_bincount = _prefer_bincount(device)
 
-    def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._f32.numel() < n:
             self._f32 = torch.empty(n, device=self.device)
-        if self.use_bincount and self._u8.numel() < n:
-            self._u8 = torch.empty(n, dtype=torch.uint8, device=self.device)
-            self._mask = torch.empty(n, dtype=torch.bool, device=self.device)
-        return self._f32[:n], self._u8[:n], self._mask[:n]
+        if self.use_bincount and self._i8.numel() < n:
+            self._i8 = torch.empty(n, dtype=torch.int8, device=self.device)
+        return self._f32[:n], self._i8[:n]
 
     @torch.no_grad()
     def record(self, out: torch.Tensor, row: int, j: int) -> None:
         x = out.detach()
-        n = x.numel()
-        a, idx, mask = self._scratch(n)
-        if x.dtype != torch.float32:  # autocast output (bf16/fp16): statistics are always float32
+        a, idx = self._scratch(x.numel())
+        v = _flat_view(x) if x.dtype == torch.float32 else None
+        if v is None:  # autocast output (bf16/fp16) or a strided view: statistics are always float32
             a.view(x.shape).copy_(x)
-            x = a
-        v = x.reshape(-1)  # a view for the usual contiguous outputs
+            v = a
         torch.mean(v, 0, out=self.mean[row, j])
         torch.std(v, 0, out=self.std[row, j])
-        torch.abs(x, out=a.view(x.shape))
+        torch.abs(v, out=a)
         if self.use_bincount:
-            self._hist_bincount(a, idx, mask, row, j)
+            self._hist_bincount(a, idx, row, j)
         else:
             self.hist[row, j, :HIST_BINS].copy_(torch.histc(a, HIST_BINS, *HIST_RANGE))
 
-    def _hist_bincount(
-        self, a: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, row: int, j: int
-    ) -> None:
-        # torch.histc on CPU is ~4x slower than this, per measurement (it interpolates every element
-        # in double); bincount of uint8 bin numbers gives the same counts. Not used on CUDA, where
-        # bincount reads the maximum back to the host (a sync) and histc is fast.
-        a.mul_(_PER_UNIT)
-        # Keeps [0, 40] (bins 0-39, and 40 = |x| == 10 exactly); > 10 and NaN (comparison False) -> 41.
-        torch.le(a, float(HIST_BINS), out=mask)
-        torch.where(mask, a, self._drop, out=a)
-        idx.copy_(a)  # float -> uint8 truncates, i.e. floors these non-negative values
-        self.hist[row, j].copy_(torch.bincount(idx, minlength=_RAW_BINS + 1)[:_RAW_BINS])
+    def _hist_bincount(self, a: torch.Tensor, idx: torch.Tensor, row: int, j: int) -> None:
+        """histc(|x|, 40, 0, 10) from a = |x|, by bincount of int8 bin numbers (a is overwritten).
+
+        Measured on CPU (benchmarks/stats_overhead.py) this is several times faster than torch.histc,
+        which interpolates every element in double. Not used on CUDA, where bincount reads its
+        maximum back to the host (a sync per call) and histc is fast.
+        """
+        # b = -4|x|: bin k of histc is b in (-(k+1), -k], and int8 conversion truncates toward zero to -k.
+        # On the negative side one threshold_ pass (b <= t -> value) keeps exactly |x| <= 10 (10 is
+        # histc's closed last edge) and sends |x| > 10 and inf to -41; NaN passes threshold_, hence
+        # nan_to_num_ (cheaper than a comparison mask + where, which would do both).
+        drop = -float(_RAW_BINS)
+        a.mul_(-_PER_UNIT)
+        torch.threshold_(a, _KEEP_ABOVE, drop)
+        a.nan_to_num_(nan=drop)
+        idx.copy_(a)
+        # int8 -k read as uint8 is 256 - k: bincount over 256 slots, then pick the slots of bins 0..40
+        # (slot of bin 40 = |x| == 10 exactly, folded into bin 39 on the host; -41 is never picked).
+        counts = torch.bincount(idx.view(torch.uint8), minlength=256)
+        torch.index_select(counts, 0, self._slots, out=self.hist[row, j])
 
     def flush(self, rows: int) -> _HostChunk:
         """Start copying the first `rows` rows to the host and clear the buffers for the next chunk."""
@@ -354,6 +377,11 @@ class _HostChunk:
         self._parts = parts
         self._event = event
         self._np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def settle(self) -> None:
+        """Convert to numpy now if the copy has finished (never waits)."""
+        if self._np is None and (self._event is None or self._event.query()):
+            self.numpy()
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """mean, std [rows, M] float32 and hist [rows, M, 40] int32 (|x| == 10 folded into bin 39)."""

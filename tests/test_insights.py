@@ -309,3 +309,25 @@ def test_templates_render_strictly_and_escape() -> None:
         assert all(str(escape(t.text)) in method for t in ins.THRESHOLDS.values())
     empty = environments()[0].get_template("insights_reading.md.j2").render(**ins.reading_context([]))
     assert "No examples yet" in empty
+
+
+def test_axis_slugs_are_safe_distinct_and_anchor_the_summary() -> None:
+    slugs = ins.axis_slugs(["learning rate", "Learning-Rate", "<b>", "noise schedule", "learning rate"])
+    assert slugs == {"learning rate": "learning-rate", "Learning-Rate": "learning-rate-2", "<b>": "b",
+                     "noise schedule": "noise-schedule"}
+    assert ins.axis_slugs(["%%%"]) == {"%%%": "axis"}
+    runs = [run("diffusers_baseline", CLIMB),
+            run("lr_1e-4", FLAT, group="hyperparameters", axis="learning rate"),
+            run("elsewhere", FLAT, group="other", axis="x")]
+    rows = {r["id"]: r for r in ins.summary_context(runs)["ranking"]}
+    assert rows["lr_1e-4"]["axis_anchor"] == ("hyperparameters", "learning-rate")
+    assert rows["diffusers_baseline"]["axis_anchor"] == ("architecture", "norm")
+    assert rows["elsewhere"]["axis_anchor"] is None  # its group has no insight page
+    page = ins.axis_page_context(runs, "hyperparameters")
+    assert [(a["name"], a["slug"]) for a in page["axes"]] == [("learning rate", "learning-rate")]
+
+
+def test_empty_group_page_states_no_scale() -> None:
+    page = ins.axis_page_context([run("a", FLAT)], "hyperparameters")
+    assert page["axes"] == [] and page["scale_note"] == "No runs yet, so no statements."
+    assert ins.summary_context([])["ranking"] == [] and ins.summary_context([])["counts"]["healthy"] == 0

@@ -21,10 +21,9 @@ import yaml
 from jinja2 import UndefinedError
 from matplotlib.image import imsave
 
+from runner import insights as ins
 from runner import site
 from runner.site import (
-    InsightPage,
-    InsightResult,
     SiteError,
     environment,
     fmt_num,
@@ -39,13 +38,21 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
 XSS = "<script>alert(1)</script>"
 KINDS = ("loss", "stats", "hist", "dead")
+INSIGHT_PAGES = ("index", "summary", "architecture", "hyperparameters", "reading")
 
 
 # ---------------------------------------------------------------- fabricated run folders
 
 
 def _spec(run_id: str, **over):
-    raw = {"id": run_id, "title": f"Run {run_id}", "notes": "", "group": "baseline", **over}
+    raw = {
+        "id": run_id,
+        "title": f"Run {run_id}",
+        "notes": "",
+        "group": "architecture",
+        "axis": "norm",
+        **over,
+    }
     return build_spec(raw, "test", profile="smoke")
 
 
@@ -139,14 +146,14 @@ def make_results(root: Path) -> Path:
     bad = _spec(
         "bad-run",
         title="BatchNorm in resnets",
-        group="norms",
         model={"resnet_norm": "batch", "out_norm": "batch"},
         train={"lr": 2e-4, "batch_size": 16},
     )
     failed = _spec(
         "failed-run",
         title=f"Failed </title>{XSS}",
-        group="norms",
+        group="hyperparameters",
+        axis=f"noise {XSS}",
         noise={"schedule": "ddim", "beta_end": 0.01},
     )
     _run(results, good, "completed", 0.1234567, 0.2, std_peak=1.5, charts=True, notebook="ok")
@@ -164,7 +171,7 @@ def _placeholder_charts(calls: list):
 
     def comparison_chart(run_dirs, kind, out, labels):
         assert kind in kinds and len(labels) == len(run_dirs)
-        calls.append((kind, [Path(d).name for d in run_dirs], list(labels)))
+        calls.append((Path(out).parent.name, kind, [Path(d).name for d in run_dirs], list(labels)))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         imsave(out, np.zeros((4, 6)))
         return Path(out)
@@ -217,7 +224,7 @@ def test_page_list_and_copied_files(built) -> None:
             "method.md",
             "experiments/index.md",
             "comparisons/index.md",
-            "insights/index.md",
+            *(f"insights/{p}.md" for p in INSIGHT_PAGES),
             *(f"comparisons/{k}.md" for k in KINDS),
             *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run")),
         ]
@@ -257,41 +264,83 @@ def test_experiment_pages_show_status_notebook_errors_and_spec(built) -> None:
     assert "[The executed notebook](notebook.ipynb)" in good
 
 
-def test_home_picks_lowest_and_highest_max_std_as_examples(built) -> None:
+def test_home_examples_are_the_insights_healthiest_and_least_healthy(built) -> None:
     home = _pages(built["docs"])["index.md"]
     for kind in ("stats", "hist", "dead"):
         assert f"](experiments/good-run/{kind}.png)" in home
         assert f"](experiments/bad-run/{kind}.png)" in home
-    assert home.index("**Good:** [Baseline") < home.index("**Bad:** [BatchNorm")
-    assert "max std 250" in home and "max std 1.5" in home
+    assert home.index("**Healthiest:** [Baseline") < home.index("**Least healthy:** [BatchNorm")
+    assert "*healthy*, max std 1.5" in home and "*unhealthy*, max std 250" in home
+    # The writeup is announced near the top, before the first section.
+    assert home.index('!!! abstract "Writeup') < home.index("## How to read the charts")
+    assert "[Read the writeup](insights/summary.md)" in home
+    assert "1 of 3 runs was judged healthy" in home
+
+
+def test_verdicts_in_experiments_table_and_pages_come_from_insights(built) -> None:
+    docs = built["docs"]
+    items = {i.id: i for i in ins.assess(load_runs(built["results"]))}
+    table = (docs / "experiments" / "index.md").read_text()
+    for run_id, level in (("good-run", "healthy"), ("bad-run", "unhealthy"), ("failed-run", "unhealthy")):
+        assert items[run_id].verdict.level == level
+        row = table[table.index(f'<a href="{run_id}/index.html">') :].split("</tr>")[0]
+        assert f'<td class="verdict verdict-{level}"' in row, row
+    assert 'title="max std 250 in down0.res0 (threshold 50)' in table
+    bad = (docs / "experiments" / "bad-run" / "index.md").read_text()
+    assert '<span class="verdict-unhealthy">unhealthy</span>: max std 250 in down0.res0 (threshold 50)' in bad
+    assert "<tr><th>max activation std</th><td>250 in down0.res0</td></tr>" in bad
+    # The run page links its axis section on the insight page.
+    assert "axis norm ([compared with the other variants](../../insights/architecture.md#norm))" in bad
 
 
 def test_comparisons_group_runs_by_spec_group(built) -> None:
     docs = built["docs"]
     page = (docs / "comparisons" / "stats.md").read_text()
-    assert page.index("## baseline") < page.index("## norms")
+    assert page.index("## architecture") < page.index("## hyperparameters")
     assert (
-        "[bad\\-run](../experiments/bad-run/index.md), [failed\\-run](../experiments/failed-run/index.md)"
-        in page
+        "[bad\\-run](../experiments/bad-run/index.md), [good\\-run](../experiments/good-run/index.md)" in page
     )
-    assert "![Activation mean and std for group norms](stats/norms.png)" in page
-    assert sorted(built["calls"]) == sorted(
-        (kind, ids, ids) for kind in KINDS for ids in (["good-run"], ["bad-run", "failed-run"])
+    assert "![Activation mean and std for group hyperparameters](stats/hyperparameters.png)" in page
+    calls = [c[1:] for c in built["calls"] if c[0] in KINDS]  # comparisons/<kind>/<group>.png
+    assert sorted(calls) == sorted(
+        (kind, ids, ids) for kind in KINDS for ids in (["bad-run", "good-run"], ["failed-run"])
     )
     for kind in KINDS:
-        assert (docs / "comparisons" / kind / "norms.png").is_file()
+        assert (docs / "comparisons" / kind / "hyperparameters.png").is_file()
+
+
+def test_insight_charts_per_axis_with_safe_names(built) -> None:
+    calls = sorted(c[1:] for c in built["calls"] if c[0] == "charts")  # insights/charts/*.png
+    assert calls == sorted(
+        (kind, ids, ids) for kind in KINDS for ids in (["bad-run", "good-run"], ["failed-run"])
+    )
+    names = sorted(p.name for p in (built["docs"] / "insights" / "charts").iterdir())
+    slug = "noise-script-alert-1-script"  # the axis "noise <script>alert(1)</script>", made safe
+    assert names == sorted(
+        f"{stem}-{kind}.png" for kind in KINDS for stem in ("architecture-norm", f"hyperparameters-{slug}")
+    )
+    hyp = (built["docs"] / "insights" / "hyperparameters.md").read_text()
+    assert f"## noise &lt;script&gt;alert\\(1\\)&lt;/script&gt; {{ #{slug} }}" in hyp
+    assert f"](charts/hyperparameters-{slug}-stats.png)" in hyp
 
 
 @pytest.mark.slow
-def test_comparisons_with_real_charts(tmp_path) -> None:
+def test_comparisons_with_real_charts(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(site, "INSIGHT_KINDS", ("stats",))  # the same function: one kind checks the path
     results = tmp_path / "results"
     _run(results, _spec("a"), "completed", 0.1, 0.1, std_peak=1.5)
     _run(results, _spec("b"), "failed", error="boom")
     render_site(results, tmp_path / "docs")
+    png_magic = b"\x89PNG\r\n\x1a\n"
     for kind in KINDS:
-        png = tmp_path / "docs" / "comparisons" / kind / "baseline.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", kind
+        png = tmp_path / "docs" / "comparisons" / kind / "architecture.png"
+        assert png.read_bytes()[:8] == png_magic, kind
         assert "No chart" not in (tmp_path / "docs" / "comparisons" / f"{kind}.md").read_text()
+    insight_png = tmp_path / "docs" / "insights" / "charts" / "architecture-norm-stats.png"
+    assert insight_png.read_bytes()[:8] == png_magic
+    assert (
+        "](charts/architecture-norm-stats.png)" in (insight_png.parent.parent / "architecture.md").read_text()
+    )
 
 
 def test_diverged_run_shows_the_step(tmp_path) -> None:
@@ -301,7 +350,7 @@ def test_diverged_run_shows_the_step(tmp_path) -> None:
     docs = tmp_path / "docs"
     assert '<td class="status">diverged at step 4</td>' in (docs / "experiments" / "index.md").read_text()
     page = (docs / "experiments" / "boom" / "index.md").read_text()
-    assert '!!! warning "Diverged at step 4"' in page and "<td>900</td>" in page
+    assert '!!! warning "Diverged at step 4"' in page and "<td>900 in down0.res0</td>" in page
     assert "No executed notebook" in page
 
 
@@ -311,7 +360,7 @@ def test_home_without_two_completed_runs_says_so(tmp_path) -> None:
     _run(results, spec, "completed", 0.1, 0.1, std_peak=2.0, charts=True)
     render_site(results, tmp_path / "docs")
     home = (tmp_path / "docs" / "index.md").read_text()
-    assert "No examples yet" in home and "there is 1 completed run so far" in home
+    assert "No examples yet" in home and "1 run has them so far" in home
 
 
 # ---------------------------------------------------------------- environment and filters
@@ -344,13 +393,6 @@ def test_unsafe_ids_are_rejected(tmp_path) -> None:
     (results / "Bad Id" / "metrics.json").write_text("{}")
     with pytest.raises(SiteError, match="not a safe id"):
         load_runs(results)
-    with pytest.raises(SiteError, match="insight slug"):
-        render_site(
-            tmp_path / "none",
-            tmp_path / "docs",
-            insights=lambda runs: InsightResult([InsightPage("../evil", "t", "b")]),
-        )
-    assert not (tmp_path / "evil.md").exists()
 
 
 def test_mismatched_spec_id_is_rejected(tmp_path) -> None:
@@ -428,23 +470,73 @@ def test_specs_select_order_and_mark_missing_and_stale(tmp_path) -> None:
     assert "<tr><td><code>train.lr</code></td><td>0.001</td></tr>" in page  # what actually ran
 
 
-def test_insights_placeholder_and_provider_pages(tmp_path) -> None:
+def test_insight_pages_for_runs_in_two_groups(tmp_path) -> None:
     results = tmp_path / "results"
-    render_site(
-        results,
-        tmp_path / "docs",
-        insights=lambda runs: InsightResult((), ("baseline (quick profile)", "bn <b>")),
-    )
-    text = (tmp_path / "docs" / "insights" / "index.md").read_text()
-    assert "Insight pages are generated by the suite issue" in text
-    assert r"- baseline \(quick profile\)" in text and "bn &lt;b&gt;" in text
-    render_site(
-        results,
-        tmp_path / "docs",
-        insights=lambda runs: InsightResult([InsightPage("norms", "Norms <matter>", "Body **md**.")]),
-    )
-    assert "[Norms &lt;matter&gt;](norms.md)" in (tmp_path / "docs" / "insights" / "index.md").read_text()
-    assert "Body **md**." in (tmp_path / "docs" / "insights" / "norms.md").read_text()
+    _run(results, _spec("arch-a", axis="norm"), "completed", 0.2, 0.25, std_peak=1.2, charts=True)
+    hyper = _spec("hyper-b", group="hyperparameters", axis="learning rate", train={"lr": 1e-4})
+    _run(results, hyper, "completed", 0.3, 0.35, std_peak=80.0, charts=True)
+    render_site(results, tmp_path / "docs")
+    insights = tmp_path / "docs" / "insights"
+    index = (insights / "index.md").read_text()
+    for page in ("summary", "architecture", "hyperparameters", "reading"):
+        assert f"]({page}.md)" in index
+    assert "2 runs judged: 1 healthy, 0 warning, 1 unhealthy" in index
+    arch, hyp = (insights / "architecture.md").read_text(), (insights / "hyperparameters.md").read_text()
+    assert "# Layer architecture insights" in arch and "## norm { #norm }" in arch
+    assert "arch-a/index.html" in arch and "hyper-b" not in arch
+    assert "# Hyperparameter insights" in hyp and "## learning rate { #learning-rate }" in hyp
+    assert "Only one run on learning rate so far (hyper-b)" in hyp
+    for page in (arch, hyp):  # the scale the statements hold at
+        assert "of the smoke profile on 160 latents (144 for training), 1 epoch, 6 optimiser steps" in page
+    for kind in site.INSIGHT_KINDS:
+        assert f"](charts/hyperparameters-learning-rate-{kind}.png)" in hyp
+        assert (insights / "charts" / f"hyperparameters-learning-rate-{kind}.png").is_file()
+    summary = (insights / "summary.md").read_text()
+    assert "# Writeup: what makes training healthy" in summary
+    assert summary.index("hyper-b/index.html") > summary.index("arch-a/index.html")  # healthiest first
+    assert '<a href="hyperparameters.html#learning-rate">learning rate</a>' in summary
+    reading = (insights / "reading.md").read_text()
+    assert 'Healthiest run: <a href="../experiments/arch-a/index.html">' in reading
+    assert "](../experiments/hyper-b/dead.png)" in reading
+
+
+def test_insight_pages_without_runs_say_so(tmp_path) -> None:
+    render_site(tmp_path / "none", tmp_path / "docs")
+    insights = tmp_path / "docs" / "insights"
+    for group in ("architecture", "hyperparameters"):
+        assert "No runs in this group yet" in (insights / f"{group}.md").read_text()
+    assert "No runs yet" in (insights / "summary.md").read_text()
+    assert "No examples yet" in (insights / "reading.md").read_text()
+    assert "no runs yet." in (insights / "index.md").read_text()
+    # One group empty, the other not: only the empty one says so, and it states no scale.
+    results = tmp_path / "results"
+    _run(results, _spec("only-arch"), "completed", 0.2, 0.2, std_peak=1.2)
+    render_site(results, tmp_path / "docs")
+    hyp = (insights / "hyperparameters.md").read_text()
+    assert "No runs in this group yet" in hyp and "Measured on" not in hyp
+    assert "No runs in this group yet" not in (insights / "architecture.md").read_text()
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def _without(text: str, words: tuple[str, ...]) -> str:
+    for w in words:
+        text = text.replace(w, " ")
+    return text
+
+
+def test_numbers_in_sentences_are_in_the_page_table(built) -> None:
+    page = (built["docs"] / "insights" / "architecture.md").read_text()
+    section = page[page.index("## norm") :]
+    sentences = re.findall(r"<li>(.*?)</li>", section.split("</ul>")[0])
+    cells = " ".join(re.findall(r"<td[^>]*>(.*?)</td>", section.split("</table>")[0]))
+    assert len(sentences) >= 3, sentences  # two runs compared: std, growth, verdicts at least
+    assert "good-run kept its largest std lowest (1.5, against 250 for bad-run" in sentences[0]
+    strip = ("good-run", "bad-run", "down0.res0", "up0.res0")
+    table_numbers = set(_NUMBER.findall(_without(cells, strip)))
+    for sentence in sentences:
+        assert set(_NUMBER.findall(_without(sentence, strip))) <= table_numbers, sentence
 
 
 # ---------------------------------------------------------------- the real MkDocs build
@@ -505,3 +597,13 @@ def test_mkdocs_build_strict_and_links_resolve(built) -> None:
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     table = (site_dir / "experiments" / "index.html").read_text()
     assert '<div class="sortable runs">' in table and "assets/sort.js" in table
+    # The insight pages are in the navigation (not just reachable), the writeup links resolve (above).
+    home = (site_dir / "index.html").read_text()
+    for page in INSIGHT_PAGES:
+        assert f'href="insights/{page}.html"' in home, page
+    summary = (site_dir / "insights" / "summary.html").read_text()
+    assert 'href="../experiments/good-run/index.html"' in summary
+    assert (
+        'href="architecture.html#norm"' in summary
+        and 'id="norm"' in (site_dir / "insights" / "architecture.html").read_text()
+    )
