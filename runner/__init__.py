@@ -1,3 +1,3 @@
-"""A lab for activation statistics of latent-diffusion UNets: spec -> data -> model -> train/stats -> charts -> site."""
+"""Activation statistics lab for latent-diffusion UNets: spec -> data -> model -> train -> charts -> site."""
 
 __version__ = "0.1.0"

@@ -27,7 +27,8 @@ SPECS = {
     "model: {block_out_channels: [32, 64], blocks: DA, layers_per_block: 1, resnet_norm: batch}\n"
     "train: {batch_size: 16}\n",
     # 144 smoke-profile latents make no batch of 1000: the notebook raises inside train().
-    "tiny_fails": "title: Made to fail\ngroup: hyperparameters\naxis: batch size\ntrain: {batch_size: 1000}\n",
+    "tiny_fails": "title: Made to fail\ngroup: hyperparameters\naxis: batch size\n"
+    "train: {batch_size: 1000}\n",
 }
 
 pytestmark = pytest.mark.slow
