@@ -8,7 +8,9 @@ e.g. https://download.pytorch.org/whl/cpu for a CPU-only build elsewhere).
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import nox
 
@@ -46,8 +48,13 @@ def run_all(session: nox.Session) -> None:
     `nox -s run_all -- --profile full` runs the original scale (for a GPU).
     """
     install_project(session)
-    session.run("python", "-m", "runner", "run", "experiments", *session.posargs)
+    # Exit status 1 means some experiment failed: still build the site (it shows the failure), then fail.
+    session.run("python", "-m", "runner", "run", "experiments", *session.posargs, success_codes=[0, 1])
     session.run("python", "-m", "runner", "site")
+    runs = json.loads(Path("results/suite.json").read_text())["runs"]
+    failed = [r["id"] for r in runs if r["status"] == "failed"]
+    if failed:
+        session.error(f"experiments failed: {', '.join(failed)} (the site's experiments page shows why)")
 
 
 @nox.session

@@ -103,6 +103,7 @@ def run_one(spec: Spec, results: Path, device: str | None = None) -> Outcome:
     from runner.charts import run_charts
 
     start = time.perf_counter()
+    results = results.resolve()  # the kernel runs in the run's folder: paths handed to it are absolute
     results.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.id}-", dir=results))
     try:

@@ -284,12 +284,14 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             pending_loss.append(loss.detach())
             pending_gn.append(grad_norm.detach())
             bar.update()
-            if len(pending_loss) >= check_every:
-                if _flush(run, guard, pending_loss, pending_gn, bar):
-                    return
-        if pending_loss and _flush(run, guard, pending_loss, pending_gn, bar):
-            return
+            if len(pending_loss) >= check_every and _flush(run, guard, pending_loss, pending_gn, bar):
+                break
+        else:  # the epoch ran to its end: check its last steps too
+            if pending_loss:
+                _flush(run, guard, pending_loss, pending_gn, bar)
         run.train_seconds += time.perf_counter() - tic
+        if run.status == "diverged":
+            return
         stats.recording = False
         _validate(run, model, valid_loader, noiser, amp, has_bn, epoch, first_step)
     bar.close()
