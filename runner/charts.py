@@ -154,9 +154,12 @@ def _consistent(stats: dict[str, Any]) -> bool:
 
 def _load_run(run_dir: Path, label: str | None = None) -> _Run:
     run_dir = Path(run_dir)
+    metrics = _read_metrics(run_dir / "metrics.json")
+    # The run's own id, not its folder's name: charts are drawn while the run sits in a temporary folder.
+    default = metrics.get("id") if isinstance(metrics, dict) else None
     return _Run(
-        label=label or run_dir.name,
-        metrics=_read_metrics(run_dir / "metrics.json"),
+        label=label or default or run_dir.name,
+        metrics=metrics,
         stats=_read_stats(run_dir / "stats.npz"),
     )
 

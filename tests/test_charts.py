@@ -25,7 +25,7 @@ def _metrics(status: str = "completed", losses: list[float | None] | None = None
     epochs = [{"epoch": e, "step": e * SPE, "train_loss": 0.5, "valid_loss": 0.6 / e,
                "valid_loss_batch_stats": 0.9 / e if batch_stats else None}
               for e in (1, 2) if e * SPE <= len(losses)]
-    return {"id": "x", "title": "x", "spec_hash": "h", "profile": "smoke", "status": status,
+    return {"title": "x", "spec_hash": "h", "profile": "smoke", "status": status,
             "diverged_at_step": diverged_at, "error": "boom" if status == "failed" else None,
             "params": 10, "steps_per_epoch": SPE, "steps_completed": len(losses), "steps_total": STEPS,
             "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
@@ -51,8 +51,8 @@ def _stats(path: Path, steps: int = STEPS, names: list[str] = NAMES, grow: bool 
 def _run(tmp_path: Path, name: str, metrics: dict | None, stats: dict | None = None) -> Path:
     d = tmp_path / name
     d.mkdir()
-    if metrics is not None:
-        (d / "metrics.json").write_text(json.dumps(metrics))
+    if metrics is not None:  # a run's metrics carry its id, which charts use as the default label
+        (d / "metrics.json").write_text(json.dumps({**metrics, "id": name}))
     if stats is not None:
         _stats(d / "stats.npz", **stats)
     return d
@@ -195,3 +195,10 @@ def test_comparison_rejects_bad_arguments(ok_run: Path, tmp_path: Path) -> None:
 
 def test_captions_cover_every_kind() -> None:
     assert set(CAPTIONS) == set(CHART_KINDS) and all(len(c) > 40 for c in CAPTIONS.values())
+
+
+def test_default_label_is_the_runs_id_not_its_folder(tmp_path):
+    # Charts are drawn while a run sits in a temporary folder; the title must name the run.
+    d = _run(tmp_path, ".tmp-abc123", {**_metrics(), "id": "real-id"}, {})
+    (d / "metrics.json").write_text(json.dumps({**_metrics(), "id": "real-id"}))
+    assert charts._load_run(d).label == "real-id"

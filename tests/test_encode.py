@@ -23,13 +23,7 @@ SIZE = 64  # four encoder levels downsample by 8: 64 px -> 8x8 latents, as 256 p
 N_IMAGES = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convs on a shared 2-core machine: a second thread only adds contention (15x slower when busy).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

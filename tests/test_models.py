@@ -61,13 +61,7 @@ def model_spec(name):
                      init=init, conv=conv)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Many small ops: one thread avoids OpenMP spin-waits on the shared 2-core machine; restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
