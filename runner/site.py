@@ -326,6 +326,33 @@ def _row(entry: Entry, item: ins.Assessed | None) -> dict[str, Any]:
     }
 
 
+def _model_notes(spec: Spec) -> list[str]:
+    """What some spec fields really do to the model, in the words of the stage that builds it."""
+    from runner.models import ATTENTION_NORM_NOTE, CONV_FLAG_NOTE
+    from runner.noise import describe_timestep
+
+    notes = [describe_timestep(spec.noise, spec.model.family)]
+    if spec.model.conv == "conv2d":
+        notes.append(CONV_FLAG_NOTE)
+    if spec.model.family == "diffusers" and spec.model.attention_norm != "group":
+        notes.append(ATTENTION_NORM_NOTE)
+    return notes
+
+
+def _suites() -> list[dict[str, Any]]:
+    """For each profile, the specs under experiments/ that `run_all` runs with it (invalid specs skipped:
+    `python -m runner validate` reports them)."""
+    from runner.spec import PROFILES, discover, load_spec
+
+    specs = []
+    for path in discover(ROOT / "experiments") if (ROOT / "experiments").is_dir() else []:
+        try:
+            specs.append(load_spec(path))
+        except SpecError:
+            continue
+    return [{"name": p, "ids": [s.id for s in specs if p in s.suites]} for p in PROFILES]
+
+
 def _experiment_page(
     entry: Entry,
     run: RunRecord,
@@ -355,6 +382,7 @@ def _experiment_page(
         "verdict": item.verdict.level,
         "reasons": list(item.verdict.reasons),
         "max_std_module": item.health.max_std_module,
+        "model_notes": _model_notes(run.spec),
         "spec_rows": _spec_rows(run.spec),
         "metrics": {
             "train_loss": _get(m, "final", "train_loss"),
@@ -688,6 +716,7 @@ def _method_context(runs: list[RunRecord]) -> dict[str, Any]:
             for k, v in PROFILES.items()
         ],
         "used_profiles": sorted({r.spec.profile for r in runs}),
+        "suites": _suites(),
         "bins": HIST_BINS,
         "range": tuple(HIST_RANGE),
         "bin_width": (HIST_RANGE[1] - HIST_RANGE[0]) / HIST_BINS,

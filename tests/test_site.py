@@ -607,3 +607,13 @@ def test_mkdocs_build_strict_and_links_resolve(built) -> None:
         'href="architecture.html#norm"' in summary
         and 'id="norm"' in (site_dir / "insights" / "architecture.html").read_text()
     )
+
+
+def test_spec_page_notes_say_what_fields_do_to_the_model() -> None:
+    from runner.models import CONV_FLAG_NOTE
+    from runner.spec import from_seed_name
+
+    with_conv = site._model_notes(from_seed_name("(32,64,64,128)_(DAAA)_Conv_Lr1e-3_10k_5e"))
+    plain = site._model_notes(from_seed_name("(32,64,64,128)_(DAAA)_Lr1e-3_10k_5e"))
+    assert CONV_FLAG_NOTE in with_conv and CONV_FLAG_NOTE not in plain
+    assert "integer" in plain[0].lower() or "ddim" in plain[0].lower(), plain[0]
