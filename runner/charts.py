@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -30,6 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from runner.files import write_atomic
 
 CHART_KINDS = ("loss", "stats", "hist", "dead")
 
@@ -370,17 +371,8 @@ def _fix_outer_labels(axes: np.ndarray, drawn: np.ndarray) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Write the PNG atomically (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the PNG atomically: a page never links half a chart."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 # ---------------------------------------------------------------------------------------------------

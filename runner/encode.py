@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from runner.data import DATA_DIR, KEYS_FILE, STATS_FILE, read_stats, split_sizes
+from runner.files import write_atomic, write_text
 
 MODEL_ID = "stabilityai/sd-vae-ft-ema"
 BEDROOM_URL = "https://s3.amazonaws.com/fast-ai-imageclas/bedroom.tgz"
@@ -182,14 +183,6 @@ def load_vae(model_id: str = MODEL_ID, device: str | torch.device = "cpu") -> to
 # ---------------------------------------------------------------- partial chunks and the final folder
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    # Write beside the target, then rename: a crash leaves the old file or the new one, never half of one.
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _chunks(out_dir: Path) -> list[Path]:
     return sorted((out_dir / PARTIAL_DIR).glob("chunk_*.npz"))
 
@@ -198,7 +191,7 @@ def _write_chunk(out_dir: Path, keys: list[str], latents: np.ndarray) -> None:
     existing = _chunks(out_dir)
     index = int(existing[-1].stem.split("_")[1]) + 1 if existing else 0
     path = out_dir / PARTIAL_DIR / f"chunk_{index:06d}.npz"
-    _atomic_write(path, lambda f: np.savez(f, keys=np.array(keys), latents=latents))
+    write_atomic(path, lambda tmp: np.savez(tmp, keys=np.array(keys), latents=latents))
 
 
 def _final_parts(out_dir: Path, latents: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -264,8 +257,8 @@ def finalise(out_dir: Path, settings: dict[str, Any]) -> int:
     latents = np.concatenate([np.asarray(p) for p in lat_parts])[first]
     n_train, _ = split_sizes(len(keys))
     name = latents_file(settings["input_range"])
-    _atomic_write(out_dir / name, lambda f: np.save(f, latents))
-    _atomic_write(out_dir / KEYS_FILE, lambda f: f.write("".join(f"{k}\n" for k in keys)), mode="w")
+    write_atomic(out_dir / name, lambda tmp: np.save(tmp, latents))
+    write_text(out_dir / KEYS_FILE, "".join(f"{k}\n" for k in keys))
     stats = {
         **latent_stats(latents, n_train),
         "file": name,
@@ -275,7 +268,7 @@ def finalise(out_dir: Path, settings: dict[str, Any]) -> int:
         "split_note": "half-open row ranges [start, stop); rows sorted by key",
         **settings,
     }
-    _atomic_write(out_dir / STATS_FILE, lambda f: f.write(json.dumps(stats, indent=2) + "\n"), mode="w")
+    write_text(out_dir / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return len(keys)
 
@@ -292,7 +285,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
             detail = ", ".join(f"{k}: folder has {a!r}, this run {b!r}" for k, (a, b) in differ.items())
             raise EncodeError(f"{source}: latents here were made differently ({detail}); use another --out")
     (out_dir / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
-    _atomic_write(saved, lambda f: f.write(json.dumps(settings, indent=2)), mode="w")
+    write_text(saved, json.dumps(settings, indent=2))
 
 
 # ---------------------------------------------------------------- the run
