@@ -145,22 +145,9 @@ def _record_failure(spec: Spec, run_dir: Path, error: Exception) -> None:
     try:
         metrics = read_json(path)
     except (FileNotFoundError, ValueError):
-        metrics = {
-            "id": spec.id,
-            "title": spec.title,
-            "spec_hash": spec.content_hash(),
-            "profile": spec.profile,
-            "params": None,
-            "steps_per_epoch": 0,
-            "steps_completed": 0,
-            "steps_total": 0,
-            "diverged_at_step": None,
-            "batches": {"loss": [], "lr": [], "grad_norm": []},
-            "epochs": [],
-            "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},
-            "timings": {"total_s": None, "step_s": None},
-            "environment": {"runner": __version__},
-        }
+        from runner.train import failed_metrics  # torch is imported only on this rare path
+
+        metrics = failed_metrics(spec, message)
     metrics["status"] = "failed"
     metrics["error"] = metrics.get("error") or message
     write_json(path, metrics)

@@ -244,15 +244,6 @@ def _nanmean(a: np.ndarray, axis: int | None = None) -> Any:
         return np.nanmean(a, axis=axis)
 
 
-def dead_share(hist: Any) -> np.ndarray:
-    """Share of |activations| in the lowest bin, hist [modules, bins, steps] -> [modules, steps]
-    (NaN where a module recorded nothing); the same definition as runner.stats.dead_share."""
-    h = np.asarray(hist, dtype=np.float64)
-    total = h.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, h[:, 0] / np.where(total > 0, total, 1), np.nan)
-
-
 def loss_spikes(loss: Any) -> tuple[int | None, float | None]:
     """(spike count, max loss ratio) of a per-batch loss series (None/NaN entries are skipped).
 
@@ -289,6 +280,8 @@ def _nonfinite_steps(std: np.ndarray, hist: Any) -> int:
 
 
 def _stats_measures(stats: Mapping[str, Any]) -> dict[str, Any]:
+    from runner.stats import dead_share  # torch only when statistics are read
+
     mean, std = _finite(stats["mean"]), _finite(stats["std"])
     if std.ndim != 2 or std.shape[0] == 0 or std.shape[1] == 0 or mean.shape != std.shape:
         return {}
@@ -355,10 +348,11 @@ def measure(metrics: Mapping[str, Any], stats: Mapping[str, Any] | None) -> Heal
 
 
 def load_stats_npz(path: str | Path) -> dict[str, Any] | None:
-    """The arrays of a stats.npz (mean, std, hist, names) without importing torch; None if unreadable."""
+    """The run's statistics file (runner.stats' reader), or None when it is missing or unreadable."""
+    from runner.stats import load_stats
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return load_stats(path)
     except (OSError, ValueError, KeyError, EOFError):
         return None
 

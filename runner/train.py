@@ -200,6 +200,13 @@ class _Run:
         }
 
 
+def failed_metrics(spec: Spec, error: str) -> dict[str, Any]:
+    """metrics.json for a run that failed before training started (same fields as a trained run's)."""
+    run = _Run(spec, pick_device())
+    run.status, run.error = "failed", error
+    return run.metrics()
+
+
 def train(
     spec: Spec, out_dir: str | Path, device: str | torch.device | None = None, progress: bool = True
 ) -> Result:
