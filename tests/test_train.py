@@ -150,4 +150,4 @@ def test_non_finite_validation_loss_is_divergence_at_that_step(tmp_path, monkeyp
     assert result.status == m["status"] == "diverged"
     assert m["steps_completed"] == m["steps_per_epoch"] < m["steps_total"], "stopped after epoch 1"
     assert m["diverged_at_step"] == m["steps_per_epoch"] - 1
-    assert m["epochs"][0]["valid_loss"] is None
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"][0]["valid_loss"] is None
