@@ -35,7 +35,7 @@ from pathlib import Path
 
 from runner.faults import kill_point
 from runner.files import ExchangeUnsupported, exchange_dirs, read_json, write_json, write_text
-from runner.manifest import manifest_key, verify, write_manifest
+from runner.manifest import MANIFEST, manifest_key, verify, write_manifest
 from runner.spec import SAFE_ID, Spec, SpecError, discover, load_spec
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "experiment.ipynb"
@@ -318,32 +318,41 @@ def open_results(results: Path) -> Iterator[Path]:
 
 
 def recover_results(results: Path) -> list[str]:
-    """Remove the temporary folders of killed runs, first installing any that holds a finished run.
+    """Remove the temporary folders of killed runs, first installing any that holds a newer finished run.
 
-    A `.<id>.run-*` folder whose manifest verifies is a finished run (killed before or during its
-    install); a `.<id>.old-*` folder is a previous run renamed aside. When results/<id> is missing,
-    the newest verified run, else the verified previous run, goes back into place. Returns what it did.
+    A `.<id>.run-*` folder whose manifest verifies is a finished run killed before or during its
+    install: it goes into place when results/<id> is missing, damaged or older. A `.<id>.old-*`
+    folder holds a previous run set aside by the two-rename install: it goes back only when
+    results/<id> is missing. Returns (and prints) what it did.
     """
     done: list[str] = []
     orphans = [p for p in results.iterdir() if p.name.startswith(".") and p.is_dir()]
     orphans.sort(key=lambda p: (OLD_TAG in p.name, -p.stat().st_mtime_ns))
     for orphan in orphans:
         spec_id = orphan.name[1:].split(".", 1)[0]
-        final = results / spec_id
-        candidate = orphan / spec_id if OLD_TAG in orphan.name else orphan
-        if (
-            SAFE_ID.match(spec_id)
-            and not os.path.lexists(final)
-            and candidate.is_dir()
-            and not verify(candidate)
-        ):
-            os.rename(candidate, final)
-            done.append(f"recovered {spec_id} from {orphan.name}")
-        shutil.rmtree(orphan, ignore_errors=True)
-        done.append(f"removed {orphan.name}")
+        aside = OLD_TAG in orphan.name
+        candidate = orphan / spec_id if aside else orphan
+        if SAFE_ID.match(spec_id) and _restorable(candidate, results / spec_id, newer_wins=not aside):
+            install_run(candidate, results, spec_id)
+            done.append(f"{spec_id}: installed the finished run left in {orphan.name}")
+        if orphan.exists():
+            shutil.rmtree(orphan, ignore_errors=True)
+            done.append(f"removed {orphan.name}")
     for line in done:
         print(line, flush=True)
     return done
+
+
+def _restorable(candidate: Path, final: Path, newer_wins: bool) -> bool:
+    if not candidate.is_dir() or verify(candidate):
+        return False
+    if not os.path.lexists(final):
+        return True
+    if not newer_wins:
+        return False
+    if verify(final):
+        return True
+    return (candidate / MANIFEST).stat().st_mtime_ns > (final / MANIFEST).stat().st_mtime_ns
 
 
 # ---------------------------------------------------------------- the suite

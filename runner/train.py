@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from runner import __version__
 from runner.data import BatchLoader, load_splits
+from runner.faults import kill_point
 from runner.files import write_json, write_text
 from runner.models import build
 from runner.noise import Noiser
@@ -295,6 +296,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             pending_loss.append(loss.detach())
             pending_gn.append(grad_norm.detach())
             bar.update()
+            kill_point("train")
             if len(pending_loss) >= check_every and _flush(run, guard, pending_loss, pending_gn, bar):
                 break
         else:  # the epoch ran to its end: check its last steps too
