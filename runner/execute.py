@@ -438,6 +438,8 @@ def main(args: argparse.Namespace) -> int:
     except (SpecError, DataError) as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception:
+        return _internal_error()
     try:
         outcomes = run_suite(
             specs, Path(args.results), force=args.force, device=getattr(args, "device", None)
@@ -446,10 +448,14 @@ def main(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:
-        traceback.print_exc()
-        print("internal error: the runner stopped (see above)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal_error()
     print(summary(outcomes))
     if any(o.status in ("failed", "diverged") for o in outcomes):
         return EXIT_EXPERIMENT_FAILED
     return EXIT_OK
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print("internal error: the runner stopped (see above); please report it", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -249,3 +249,16 @@ def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
         with pytest.raises(execute.ResultsBusy):
             with execute.open_results(results):
                 pass
+
+
+def test_a_finished_run_killed_before_its_install_is_installed_not_retrained(tmp_path):
+    s = spec("a")
+    results = tmp_path / "results"
+    # Manifest times set by hand: writes within one clock tick can share an mtime.
+    for name, status, when in (("a", "failed", 2), (".a.run-1", "diverged", 1), (".a.run-2", "completed", 3)):
+        os.utime(fake_run(results / name, s, status=status) / "manifest.json", ns=(when, when))
+    recover_results(results)
+    assert sorted(p.name for p in results.iterdir()) == ["a"]
+    assert read_json(results / "a" / "metrics.json")["status"] == "completed"
+    recover_results(results)
+    assert read_json(results / "a" / "metrics.json")["status"] == "completed"
