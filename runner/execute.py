@@ -151,6 +151,8 @@ def execute_spec(spec: Spec, work: Path, device: str | None = None) -> None:
         )
     except Exception as e:  # the notebook failed: record why, keep what it wrote
         _record_failure(spec, work, e)
+    if not (work / "metrics.json").exists():  # a notebook that ends without training is no result
+        _record_failure(spec, work, RuntimeError("the notebook ended without writing metrics.json"))
     kill_point("write-run")
     if not (work / "charts").exists():
         _fallback_charts(work)
@@ -170,10 +172,18 @@ def _fallback_charts(run_dir: Path) -> None:
 def install_run(work: Path, results: Path, spec_id: str) -> Outcome:
     """Move the finished run `work` to results/<spec_id>, replacing any previous run in one step.
 
-    Refuses a folder whose manifest does not verify. Where the filesystem cannot swap two folders
-    atomically, the previous run is renamed aside first; `recover_results` repairs a crash between
-    the two renames at the next start, so a complete run is never lost.
+    Refuses a folder whose manifest does not verify. A `work` folder outside `results` (another
+    filesystem) is copied into a temporary folder there first and left to its caller. Where the
+    filesystem cannot swap two folders atomically, the previous run is renamed aside first;
+    `recover_results` repairs a crash between the two renames at the next start, so a complete
+    run is never lost.
     """
+    results = results.resolve()
+    if work.resolve().parent != results:
+        staged = work_dir(results, spec_id)
+        staged.rmdir()
+        shutil.copytree(work, staged)
+        work = staged
     problem = verify(work)
     if problem:
         raise RunError(f"{work.name}: not installed, {problem}")

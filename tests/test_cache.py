@@ -262,3 +262,12 @@ def test_a_finished_run_killed_before_its_install_is_installed_not_retrained(tmp
     assert read_json(results / "a" / "metrics.json")["status"] == "completed"
     recover_results(results)
     assert read_json(results / "a" / "metrics.json")["status"] == "completed"
+
+
+def test_a_run_written_elsewhere_is_copied_then_installed(tmp_path):
+    s = spec("a")
+    outside = fake_run(tmp_path / "worker" / "a", s)
+    results = tmp_path / "results"
+    assert install_run(outside, results, "a").status == "completed"
+    assert verify(results / "a") is None and sorted(p.name for p in results.iterdir()) == ["a"]
+    assert outside.is_dir(), "the caller's folder is the caller's to remove"
