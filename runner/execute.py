@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,12 @@ REPORT_ONLY = frozenset({"site.py", "insights.py"})
 # Temporary folders in results/: `.<id>.run-XXXX` (a run being written), `.<id>.old-XXXX` (a
 # previous run set aside during an install). Ids never contain a dot, so the id is recoverable.
 RUN_TAG, OLD_TAG = ".run-", ".old-"
+# Only folders named like these are ever removed (also those of runners before the tags: `.<id>-XXXXXXXX`
+# and `.old-<id>-<ns>`), so `--results .` never touches `.git` or `.venv`.
+ORPHAN = re.compile(
+    r"^\.(?:[a-z0-9][a-z0-9_-]{0,99}\.(?:run|old)-[a-z0-9_]+|[a-z0-9][a-z0-9_-]{0,99}-[a-z0-9_]{8}"
+    r"|old-[a-z0-9][a-z0-9_-]{0,99}-\d+)$"
+)
 LOCK = ".lock"
 
 EXIT_OK, EXIT_EXPERIMENT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -336,7 +343,7 @@ def recover_results(results: Path) -> list[str]:
     results/<id> is missing. Returns (and prints) what it did.
     """
     done: list[str] = []
-    orphans = [p for p in results.iterdir() if p.name.startswith(".") and p.is_dir()]
+    orphans = [p for p in results.iterdir() if ORPHAN.match(p.name) and p.is_dir()]
     orphans.sort(key=lambda p: (OLD_TAG in p.name, -p.stat().st_mtime_ns))
     for orphan in orphans:
         spec_id = orphan.name[1:].split(".", 1)[0]

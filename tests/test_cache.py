@@ -271,3 +271,11 @@ def test_a_run_written_elsewhere_is_copied_then_installed(tmp_path):
     assert install_run(outside, results, "a").status == "completed"
     assert verify(results / "a") is None and sorted(p.name for p in results.iterdir()) == ["a"]
     assert outside.is_dir(), "the caller's folder is the caller's to remove"
+
+
+def test_recovery_removes_only_the_runners_own_temporary_folders(tmp_path):
+    names = [".a.run-k2j_x9q1", ".a.old-abc", ".a-k2j_x9q1", ".old-a-1733000000000", ".git", ".venv", ".x-y"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    recover_results(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".git", ".venv", ".x-y"]
