@@ -73,6 +73,12 @@ def _encode(args: argparse.Namespace) -> int:
     return run_encode(args)
 
 
+def _fit_decoder(args: argparse.Namespace) -> int:
+    from runner.decode import run_fit
+
+    return run_fit(args)
+
+
 def _profile(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--profile", choices=sorted(PROFILES), default=default, help=f"scale profile (default {default})"
@@ -120,6 +126,12 @@ def parser() -> argparse.ArgumentParser:
     except ImportError:  # encode's optional pieces are imported lazily; the parser must still build
         pass
     p.set_defaults(func=_encode)
+
+    p = sub.add_parser("fit-decoder", help="fit the preview decoder (latent -> 64x64 RGB) on bundled pairs")
+    from runner.decode import add_fit_arguments
+
+    add_fit_arguments(p)
+    p.set_defaults(func=_fit_decoder)
     return ap
 
 
