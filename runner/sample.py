@@ -5,8 +5,9 @@ Samplers (``spec.sample.samplers``):
 - ``matched``: the schedule and timestep input the model was trained with, eta 0 (deterministic).
   Cosine specs step the continuous t from ``1 - 1/steps`` (the course's start) down to 0 in ``steps``
   equal steps on the cosine alpha-bar, the model receiving t exactly as in training
-  (``Noiser.t_factor``); the predicted clean latent is not clamped (latents are not images in [-1, 1]). DDIM-noise specs use the spec's own
-  ``DDIMScheduler`` with integer timesteps, with ``clip_sample`` off for the same reason.
+  (``Noiser.t_factor``); the predicted clean latent is not clamped (latents are not images in
+  [-1, 1]). DDIM-noise specs use the spec's own ``DDIMScheduler`` with integer timesteps, with
+  ``clip_sample`` off for the same reason.
 - ``originals``: as the original notebooks sampled every model, cosine-trained ones included:
   ``DDIMScheduler(beta_end=0.01)`` with its defaults (x0 clipped to [-1, 1]), eta 1, the model called
   with the scheduler's integer timesteps. For a cosine-trained model this mismatches both the schedule
@@ -75,7 +76,7 @@ def cosine_start(steps: int) -> float:
 
 @torch.no_grad()
 def ddim_cosine(model: nn.Module, x: torch.Tensor, steps: int, t_factor: float, amp=None) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) on the cosine alpha-bar, from `cosine_start(steps)` to 0 in `steps` steps."""
+    """Deterministic DDIM (eta 0) on the cosine alpha-bar, `cosine_start(steps)` to 0 in `steps` steps."""
     ts = torch.linspace(cosine_start(steps), 0.0, steps + 1, dtype=torch.float64)
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
         ab, ab_next = alpha_bar(t).item(), alpha_bar(t_next).item()
@@ -179,7 +180,8 @@ def sample_run(spec: Spec, result: Result, vae: str | Path | None = None) -> dic
         tic = time.perf_counter()
         latents[sampler] = draw(result.model, spec, sampler, amp=amp)
         seconds = round(time.perf_counter() - tic, 3)
-        samplers[sampler] = {**describe_sampler(spec, sampler), "seconds": seconds, **latent_summary(latents[sampler])}
+        summary = latent_summary(latents[sampler])
+        samplers[sampler] = {**describe_sampler(spec, sampler), "seconds": seconds, **summary}
     arrays = {k: v.numpy() for k, v in latents.items()}
     write_atomic(out / "samples.npz", lambda tmp: np.savez(tmp, **arrays))
     data = load_splits(spec.data).train
