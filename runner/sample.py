@@ -36,7 +36,7 @@ from runner.data import load_splits
 from runner.decode import decoder_for, save_grid, to_raw
 from runner.files import read_json, write_atomic, write_json
 from runner.noise import T_MAX, Noiser, alpha_bar
-from runner.spec import Spec, load_resolved
+from runner.spec import DataSpec, Spec, load_resolved
 from runner.train import Result, _autocast, autocast_dtype
 
 SAMPLE_COUNT = 16
@@ -201,6 +201,16 @@ def sample_run(spec: Spec, result: Result, vae: str | Path | None = None) -> dic
     return render(result.out_dir, vae)
 
 
+def real_latents(data_spec: DataSpec, count: int = SAMPLE_COUNT) -> torch.Tensor:
+    """The first `count` validation latents, in the training space of `data_spec`.
+
+    A small ``data.size`` (smoke, tests) has fewer valid rows than a grid; the valid split's first rows
+    are the same for every size, so a size that holds `count` of them is read instead.
+    """
+    size = max(data_spec.size, 10 * count + 10)  # 10% valid: at least `count` valid rows
+    return load_splits(data_spec.model_copy(update={"size": size})).valid[:count]
+
+
 def render(run_dir: str | Path, vae: str | Path | None = None) -> dict[str, Any]:
     """Decode ``samples/samples.npz`` and 16 real validation latents into grids; record the decoder.
 
@@ -214,7 +224,7 @@ def render(run_dir: str | Path, vae: str | Path | None = None) -> dict[str, Any]
     decoder = decoder_for(vae)
     with np.load(out / "samples.npz") as f:
         latents = {k: torch.from_numpy(f[k]) for k in f.files}
-    real = load_splits(spec.data).valid[:SAMPLE_COUNT]
+    real = real_latents(spec.data)
     for name, x in {**latents, "real": real}.items():
         save_grid(decoder(to_raw(x, spec.data)), out / f"grid_{name}.png")
     record["decoder"] = decoder.describe()
