@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from runner.cli import main
 from runner.data import DATA_DIR, load_splits, open_latents
 from runner.decode import (
     PAIRS_DIR,
@@ -19,7 +20,6 @@ from runner.decode import (
     R2_FLOOR,
     DecoderError,
     VaeDecoder,
-    fit_preview,
     load_preview,
     to_raw,
 )
@@ -125,7 +125,8 @@ def test_sample_spec_fields_profiles_and_reference_specs():
         "originals",
     )
     assert load_spec("experiments/architecture/course_baseline.yaml", "smoke").sample.steps == 3
-    assert load_spec("experiments/architecture/batchnorm_resnets.yaml", "full").sample.samplers == ("matched",)
+    bn = load_spec("experiments/architecture/batchnorm_resnets.yaml", "full")
+    assert bn.sample.samplers == ("matched",) and bn.sample.steps == 100
     with pytest.raises(SpecError, match="sample.samplers"):
         tiny("bad", sample={"samplers": ["matched", "matched"]})
     with pytest.raises(SpecError, match="sample.samplers"):
@@ -186,13 +187,15 @@ def test_a_diverged_run_is_not_sampled_and_says_why(tmp_path):
 # ---------------------------------------------------------------- decoders
 
 
-def test_preview_decoder_refit_on_bundled_pairs_beats_the_floor_and_matches_the_committed_file():
-    decoder = fit_preview()
-    assert decoder.report["r2_heldout"] >= R2_FLOOR
-    assert decoder.report["heldout_pairs"] >= 100 and decoder.report["train_pairs"] >= 100
+def test_fit_decoder_command_refits_on_bundled_pairs_above_the_floor_as_committed(tmp_path, capsys):
+    assert main(["fit-decoder", "--out", str(tmp_path / "d.npz")]) == 0
+    refit = load_preview(tmp_path / "d.npz")
+    assert refit.report["r2_heldout"] >= R2_FLOOR
+    assert refit.report["heldout_pairs"] >= 100 and refit.report["train_pairs"] >= 100
+    assert f"held-out R^2 {refit.report['r2_heldout']}" in capsys.readouterr().out
     committed = load_preview()
-    torch.testing.assert_close(committed.weight, decoder.weight, atol=1e-4, rtol=1e-3)
-    assert committed.report["r2_heldout"] == decoder.report["r2_heldout"]
+    torch.testing.assert_close(committed.weight, refit.weight, atol=1e-4, rtol=1e-3)
+    assert committed.report["r2_heldout"] == refit.report["r2_heldout"]
 
 
 def test_committed_preview_decoder_r2_on_held_out_pictures_by_hand():
