@@ -46,6 +46,10 @@ ORIGINALS_BETA_END = 0.01
 ORIGINALS_ETA = 1.0
 
 
+class SampleError(RuntimeError):
+    """A run folder has no samples to draw."""
+
+
 def describe_sampler(spec: Spec, sampler: str) -> dict[str, Any]:
     """The settings a sampler runs with, as recorded in samples.json."""
     noise = spec.noise
@@ -218,8 +222,10 @@ def render(run_dir: str | Path, vae: str | Path | None = None) -> dict[str, Any]
     """
     run_dir = Path(run_dir)
     out = run_dir / SAMPLES_DIR
-    spec = load_resolved(run_dir / "spec.yaml")
     record = read_json(out / "samples.json")
+    if record.get("status") != "completed":
+        raise SampleError(f"{out}: no samples to draw ({record.get('reason')})")
+    spec = load_resolved(run_dir / "spec.yaml")
     tic = time.perf_counter()
     decoder = decoder_for(vae)
     with np.load(out / "samples.npz") as f:

@@ -23,7 +23,7 @@ from runner.decode import (
     load_preview,
     to_raw,
 )
-from runner.sample import SAMPLE_COUNT, draw, render, sample_run
+from runner.sample import SAMPLE_COUNT, draw, sample_run
 from runner.spec import SpecError, build_spec, load_spec
 from runner.train import Result, train
 
@@ -182,6 +182,7 @@ def test_a_diverged_run_is_not_sampled_and_says_why(tmp_path):
     saved = json.loads((tmp_path / "samples" / "samples.json").read_text())
     assert saved == record and saved["status"] == "skipped" and "step 7" in saved["reason"]
     assert not (tmp_path / "samples" / "samples.npz").exists()
+    assert main(["samples", str(tmp_path)]) == 2, "nothing to redraw: a clear refusal"
 
 
 # ---------------------------------------------------------------- decoders
@@ -238,7 +239,8 @@ def test_vae_decoder_loads_local_weights_only_and_redraws_grids(tmp_path, sample
     decoded = VaeDecoder(tmp_path / "vae")(torch.randn(2, 4, 32, 32))
     assert decoded.shape == (2, 3, 128, 128) and decoded.min() >= 0 and decoded.max() <= 1
     run = shutil.copytree(sampled_run[1].out_dir, tmp_path / "run")
-    record = render(run, vae=tmp_path / "vae")
+    assert main(["samples", str(run), "--vae", str(tmp_path / "vae")]) == 0
+    record = json.loads((run / "samples" / "samples.json").read_text())
     assert record["decoder"] == {"name": "vae", "path": str(tmp_path / "vae"), "resolution": 128}
     with Image.open(run / "samples" / "grid_matched.png") as im:
         assert im.size == (4 * 128 + 3 * 2,) * 2
