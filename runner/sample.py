@@ -23,7 +23,9 @@ A run that did not complete gets only ``samples.json`` with ``status: "skipped"`
 from __future__ import annotations
 
 import math
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,8 @@ def sample_run(spec: Spec, result: Result, vae: str | Path | None = None) -> dic
     """Sample the trained model of `result` with every sampler the spec lists; write ``samples/``.
 
     Returns what samples.json holds. A run that did not complete is not sampled: samples.json says why.
+    A sampling error (a VAE folder that does not load, say) is recorded there as status "failed" and
+    printed, not raised: the trained run and its files stay as they are.
     `vae`: a folder of AutoencoderKL weights to decode with; None uses the preview decoder.
     """
     out = Path(result.out_dir) / SAMPLES_DIR
@@ -177,10 +181,23 @@ def sample_run(spec: Spec, result: Result, vae: str | Path | None = None) -> dic
         record = {"status": "skipped", "reason": reason, "samplers": {}}
         write_json(out / "samples.json", record)
         return record
+    try:
+        return _sample(spec, result, out, vae)
+    except Exception as e:
+        message = "".join(traceback.format_exception_only(type(e), e)).strip()
+        print(f"{spec.id}: sampling failed: {message}", file=sys.stderr)
+        record = {"status": "failed", "reason": message, "samplers": {}}
+        write_json(out / "samples.json", record)
+        return record
+
+
+def _sample(spec: Spec, result: Result, out: Path, vae: str | Path | None) -> dict[str, Any]:
     device = next(result.model.parameters()).device
     amp = autocast_dtype(spec.train.precision, device)
     latents, samplers = {}, {}
     for sampler in spec.sample.samplers:
+        steps = spec.sample.steps
+        print(f"{spec.id}: drawing {SAMPLE_COUNT} samples, {sampler} sampler, {steps} steps", flush=True)
         tic = time.perf_counter()
         latents[sampler] = draw(result.model, spec, sampler, amp=amp)
         seconds = round(time.perf_counter() - tic, 3)

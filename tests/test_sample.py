@@ -185,6 +185,15 @@ def test_a_diverged_run_is_not_sampled_and_says_why(tmp_path):
     assert main(["samples", str(tmp_path)]) == 2, "nothing to redraw: a clear refusal"
 
 
+def test_a_sampling_error_is_recorded_not_raised(tmp_path, sampled_run):
+    spec, result, _ = sampled_run
+    shutil.copy(result.out_dir / "spec.yaml", tmp_path)
+    moved = Result("completed", result.metrics, tmp_path, result.model)
+    record = sample_run(spec, moved, vae=tmp_path / "no_vae_here")
+    saved = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert saved == record and saved["status"] == "failed" and "no_vae_here" in saved["reason"]
+
+
 # ---------------------------------------------------------------- decoders
 
 
