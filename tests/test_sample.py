@@ -230,21 +230,10 @@ def test_to_raw_undoes_standardisation_and_scale():
     np.testing.assert_allclose(to_raw(valid, spec.data).numpy(), raw, atol=1e-4, rtol=1e-5)
 
 
-def test_vae_decoder_loads_local_weights_only_and_redraws_grids(tmp_path, sampled_run):
-    from diffusers import AutoencoderKL
-
+def test_vae_decoder_loads_local_weights_only_and_redraws_grids(tmp_path, sampled_run, tiny_vae):
     with pytest.raises(DecoderError, match="no such folder"):
         VaeDecoder(tmp_path / "missing")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae.save_pretrained(tmp_path / "vae")
     decoded = VaeDecoder(tmp_path / "vae")(torch.randn(2, 4, 32, 32))
     assert decoded.shape == (2, 3, 128, 128) and decoded.min() >= 0 and decoded.max() <= 1
     run = shutil.copytree(sampled_run[1].out_dir, tmp_path / "run")
