@@ -73,6 +73,26 @@ def _encode(args: argparse.Namespace) -> int:
     return run_encode(args)
 
 
+def _fit_decoder(args: argparse.Namespace) -> int:
+    from runner.decode import run_fit
+
+    return run_fit(args)
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from runner.decode import DecoderError
+    from runner.sample import SampleError, render
+
+    try:
+        record = render(args.run, vae=args.vae)
+    except (DecoderError, SampleError, SpecError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    grids = ", ".join(record["grids"].values())
+    print(f"{args.run}: {grids} drawn with the {record['decoder']['name']} decoder")
+    return 0
+
+
 def _profile(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--profile", choices=sorted(PROFILES), default=default, help=f"scale profile (default {default})"
@@ -120,6 +140,17 @@ def parser() -> argparse.ArgumentParser:
     except ImportError:  # encode's optional pieces are imported lazily; the parser must still build
         pass
     p.set_defaults(func=_encode)
+
+    p = sub.add_parser("fit-decoder", help="fit the preview decoder (latent -> 64x64 RGB) on bundled pairs")
+    from runner.decode import add_fit_arguments
+
+    add_fit_arguments(p)
+    p.set_defaults(func=_fit_decoder)
+
+    p = sub.add_parser("samples", help="redraw a run's sample grids from its saved latents (no resampling)")
+    p.add_argument("run", help="a run folder, e.g. results/diffusers_baseline")
+    p.add_argument("--vae", help="folder of Stable Diffusion VAE weights (AutoencoderKL); default: preview")
+    p.set_defaults(func=_samples)
     return ap
 
 

@@ -116,6 +116,16 @@ def _encode_hint(n: int, root: Path) -> str:
     )
 
 
+def normalization(data_spec: DataSpec, root: str | Path = DATA_DIR) -> tuple[float, float]:
+    """(shift, factor) such that training latents are ``(raw - shift) * factor``; decoders invert it."""
+    if data_spec.normalize != "standardize":
+        return 0.0, data_spec.scale
+    stats = read_stats(root)
+    if "mean" not in stats or "std" not in stats:
+        raise DataError(f"{Path(root) / STATS_FILE}: normalize=standardize needs 'mean' and 'std'")
+    return float(stats["mean"]), data_spec.scale / float(stats["std"])
+
+
 def load_splits(data_spec: DataSpec, root: str | Path = DATA_DIR) -> Splits:
     """Train/valid float32 tensors for `data_spec`: the first rows of each split, normalised, then scaled.
 
@@ -133,12 +143,7 @@ def load_splits(data_spec: DataSpec, root: str | Path = DATA_DIR) -> Splits:
             f"data.size={data_spec.size} needs {n_train} train + {n_valid} valid latents, but {root} holds "
             f"{t1 - t0} train + {v1 - v0} valid ({len(latents)} rows); {_encode_hint(data_spec.size, root)}"
         )
-    shift, divide = 0.0, 1.0
-    if data_spec.normalize == "standardize":
-        if "mean" not in stats or "std" not in stats:
-            raise DataError(f"{root / STATS_FILE}: normalize=standardize needs 'mean' and 'std'")
-        shift, divide = float(stats["mean"]), float(stats["std"])
-    factor = data_spec.scale / divide
+    shift, factor = normalization(data_spec, root)
 
     def rows(start: int, count: int) -> torch.Tensor:
         # One contiguous read from the memory map, converted once; no per-item work.

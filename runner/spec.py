@@ -168,6 +168,21 @@ class StatsSpec(_Section):
     modules: Literal["resnets", "attention", "resnets+attention"] = "resnets"
 
 
+class SampleSpec(_Section):
+    # DDIM steps for the 16 samples drawn after training; the smoke and quick profiles lower it.
+    steps: StrictInt = Field(100, gt=0)
+    # matched: the schedule and timestep input the model trained with (eta 0). originals: as the
+    # originals sampled, DDIMScheduler(beta_end=0.01) with integer t and eta 1 (a mismatch for cosine).
+    samplers: tuple[Literal["matched", "originals"], ...] = ("matched",)
+
+    @field_validator("samplers")
+    @classmethod
+    def _distinct_samplers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("expected a non-empty list of distinct samplers (matched, originals)")
+        return v
+
+
 class Spec(_Section):
     id: str
     title: str = ""
@@ -184,6 +199,7 @@ class Spec(_Section):
     noise: NoiseSpec = NoiseSpec()
     train: TrainSpec = TrainSpec()
     stats: StatsSpec = StatsSpec()
+    sample: SampleSpec = SampleSpec()
 
     @field_validator("id")
     @classmethod
@@ -195,8 +211,10 @@ class Spec(_Section):
         return v
 
     def content_hash(self) -> str:
-        """Hash of everything that changes training (not title, notes, group or suites): the cache key."""
-        payload = self.model_dump(mode="json", include={"data", "model", "noise", "train", "stats"})
+        """Hash of everything that changes a run's files (not title, notes, group, suites): the cache key."""
+        # `sample` is included: the run folder's samples come from it.
+        sections = {"data", "model", "noise", "train", "stats", "sample"}
+        payload = self.model_dump(mode="json", include=sections)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
@@ -222,9 +240,10 @@ class Spec(_Section):
 # (original) scale and precision (the originals ran fp16 on a GPU); the others train in fp32 so a
 # CPU can run them. `quick` is sized for a 2-core CPU: 1800 items (1620 train) for 3 epochs is
 # 150 optimiser steps at batch 32 (303 at batch 16). `smoke` is for tests: a few steps on a few latents.
+# Samples: 3 DDIM steps (smoke), 20 (quick: about 10 s per sampler on one CPU thread), the spec's own (full).
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"size": 160}, "train": {"epochs": 1, "precision": "fp32"}},
-    "quick": {"data": {"size": 1800}, "train": {"epochs": 3, "precision": "fp32"}},
+    "smoke": {"data": {"size": 160}, "train": {"epochs": 1, "precision": "fp32"}, "sample": {"steps": 3}},
+    "quick": {"data": {"size": 1800}, "train": {"epochs": 3, "precision": "fp32"}, "sample": {"steps": 20}},
     "full": {},
 }
 
@@ -289,7 +308,14 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-_SECTIONS = {"data": DataSpec, "model": ModelSpec, "noise": NoiseSpec, "train": TrainSpec, "stats": StatsSpec}
+_SECTIONS = {
+    "data": DataSpec,
+    "model": ModelSpec,
+    "noise": NoiseSpec,
+    "train": TrainSpec,
+    "stats": StatsSpec,
+    "sample": SampleSpec,
+}
 
 
 def _describe(err: dict[str, Any]) -> str:

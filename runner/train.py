@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class Result:
     status: str  # "completed" | "diverged" | "failed"
     metrics: dict[str, Any]
     out_dir: Path
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model, for runner.sample
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -248,7 +249,7 @@ def train(
         write_json(out / "metrics.json", metrics)
     if spec.train.checkpoint == "final" and run.status == "completed":
         torch.save(model.state_dict(), out / "checkpoint.pt")
-    return Result(run.status, metrics, out)
+    return Result(run.status, metrics, out, model)
 
 
 def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, progress: bool) -> None:

@@ -27,17 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    model = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=SIZE,
-    )
-    return model.eval()
+def vae(tiny_vae) -> AutoencoderKL:
+    return tiny_vae
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,7 @@ def test_failed_experiment_is_recorded_and_the_suite_goes_on(suite):
             "stats.npz",
             "notebook.ipynb",
             *(f"charts/{k}.png" for k in ("loss", "stats", "hist", "dead")),
+            *(f"samples/{k}" for k in ("samples.json", "samples.npz", "grid_matched.png", "grid_real.png")),
         ):
             assert (run / name).is_file(), f"{run_id}/{name}"
         nb = json.loads((run / "notebook.ipynb").read_text())
