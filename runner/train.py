@@ -326,7 +326,9 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, scaler, loss: torch.Tens
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
-        return nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        opt.step()
+        return grad_norm
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)

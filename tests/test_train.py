@@ -182,13 +182,13 @@ def test_a_last_batch_of_one_item_with_batchnorm_is_refused(tmp_path):
 
 
 def test_stopping_after_k_epochs_follows_the_full_schedule_exactly(tmp_path):
-    full = train(tiny("full", train={"epochs": 3}), tmp_path / "full", device="cpu", progress=False)
-    part_spec = tiny("part", train={"epochs": 3, "stop_after_epochs": 1})
+    full = train(tiny("full", train={"epochs": 2}), tmp_path / "full", device="cpu", progress=False)
+    part_spec = tiny("part", train={"epochs": 2, "stop_after_epochs": 1})
     part = train(part_spec, tmp_path / "part", device="cpu", progress=False)
     steps = part.metrics["steps_per_epoch"]
     assert part.status == "completed"
     assert part.metrics["steps_completed"] == part.metrics["steps_total"] == steps == 6
-    assert part.metrics["schedule_steps"] == full.metrics["schedule_steps"] == 3 * steps
+    assert part.metrics["schedule_steps"] == full.metrics["schedule_steps"] == 2 * steps
     assert part.metrics["batches"]["lr"] == full.metrics["batches"]["lr"][:steps]
     assert part.metrics["batches"]["loss"] == full.metrics["batches"]["loss"][:steps]
     # Not a one-epoch schedule: OneCycle over 1 epoch would already be past its peak by now.
