@@ -265,7 +265,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
     train_x, valid_x = splits.train.to(device), splits.valid.to(device)
     loader = train_loader(train_x, t)
     valid_loader = BatchLoader(valid_x, t.batch_size, shuffle=False, seed=0, drop_last=False)
-    if len(loader) == 0:
+    if len(train_x) < t.batch_size:  # with last_batch keep too: one short batch per epoch is a mistake
         raise ValueError(f"{spec.id}: {len(train_x)} training latents make no full batch of {t.batch_size}")
     has_bn = bool(_batchnorms(model))
     if has_bn and t.last_batch == "keep" and len(train_x) % t.batch_size == 1:
