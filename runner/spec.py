@@ -439,7 +439,12 @@ def discover(folder: str | Path) -> list[Path]:
 # (beta_end 0.01) on latents x 0.18215 in mixed precision.
 
 SEED_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "size": 10_000, "epochs": 5}
-_INIT_TOKENS = {"InitXavierNormRelu": "xavier_normal_relu", "NoInit": "default"}
+# "InitUpg" (after InitXavierNormRelu in the one notebook that has it) extended the Xavier init to conv1.
+_INIT_TOKENS = {
+    "InitXavierNormRelu": "xavier_normal_relu",
+    "NoInit": "default",
+    "InitUpg": "xavier_normal_relu_conv1_conv2",
+}
 
 
 def _format_lr(lr: float) -> str:

@@ -150,6 +150,13 @@ def test_seed_name_missing_tokens_take_the_originals_defaults():
     assert spec.model.init == "zero_conv2" and spec.model.resnet_norm == "group"
 
 
+def test_seed_name_initupg_means_xavier_on_conv1_and_conv2():
+    name = "(32,32,64,64,128)_(DAAAA)_InitXavierNormRelu_Conv_BN_Bs16_Lr1e-4_InitUpg"
+    spec = from_seed_name(name)
+    assert spec.model.init == "xavier_normal_relu_conv1_conv2" and spec.train.lr == 1e-4
+    assert from_seed_name(spec.seed_name()).content_hash() == spec.content_hash()
+
+
 def test_seed_name_more_latents_than_bundled_is_a_valid_spec():
     assert from_seed_name(ORIGINAL_NAMES[1]).data.size == 100_000
 
