@@ -83,9 +83,9 @@ class ChannelLayerNorm(nn.Module):
 def build(spec: Spec | ModelSpec) -> nn.Module:
     """Build the model a spec (or its ``model`` section) describes, in training mode, on the CPU."""
     m = spec.model if isinstance(spec, Spec) else spec
-    if m.family == "course":
-        return _build_course(m)
-    return _build_diffusers(m)
+    model = _build_course(m) if m.family == "course" else _build_diffusers(m)
+    _set_batchnorm_momentum(model, m.batchnorm_momentum)
+    return model
 
 
 def is_residual_block(name: str, module: nn.Module) -> bool:
@@ -149,8 +149,20 @@ def _build_diffusers(m: ModelSpec) -> DiffusersDenoiser:
         unet.conv_norm_out = nn.BatchNorm2d(unet.conv_norm_out.num_channels)
     if m.conv == "conv2d":
         check_plain_layers(unet)
-    _init_convs([r.conv2 for r in unet.modules() if isinstance(r, ResnetBlock2D)], m.init)
+    resnets = [r for r in unet.modules() if isinstance(r, ResnetBlock2D)]
+    if m.init == "xavier_normal_relu_conv1_conv2":
+        _init_convs([c for r in resnets for c in (r.conv1, r.conv2)], "xavier_normal_relu")
+    else:
+        _init_convs([r.conv2 for r in resnets], m.init)
     return DiffusersDenoiser(unet)
+
+
+def _set_batchnorm_momentum(model: nn.Module, momentum: float | str) -> None:
+    """Every BatchNorm's running-statistics momentum; "cumulative" is PyTorch's momentum=None
+    (running statistics = the equal-weight average over all batches seen)."""
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.momentum = None if momentum == "cumulative" else momentum
 
 
 def _norm_input_shapes(unet: UNet2DModel) -> dict[nn.Module, tuple[int, ...]]:

@@ -72,8 +72,15 @@ class ModelSpec(_Section):
     # The final norm before conv_out (the originals' "BN" runs swapped it for BatchNorm2d too).
     out_norm: Literal["group", "batch"] = "group"
     # zero_conv2: zero every resnet conv2 weight (the course's habit);
-    # xavier_normal_relu: Xavier-normal with ReLU gain on those weights.
-    init: Literal["default", "zero_conv2", "xavier_normal_relu"] = "zero_conv2"
+    # xavier_normal_relu: Xavier-normal with ReLU gain on those weights;
+    # xavier_normal_relu_conv1_conv2: the same on conv1 and conv2 (the InitUpg original; diffusers only).
+    init: Literal[
+        "default", "zero_conv2", "xavier_normal_relu", "xavier_normal_relu_conv1_conv2"
+    ] = "zero_conv2"
+    # Every BatchNorm's running-statistics update: a momentum in (0, 1] (PyTorch's default 0.1, as the
+    # originals ran), or "cumulative" for an equal-weight average of all batches (PyTorch's momentum=None).
+    # Only for models with a BatchNorm (the course UNet, or a diffusers norm set to "batch").
+    batchnorm_momentum: StrictFloat | Literal["cumulative"] = 0.1
     # The originals' "Conv" flag swapped LoRACompatibleConv for nn.Conv2d; current diffusers
     # already builds nn.Conv2d, so "conv2d" is checked at build time and otherwise changes nothing.
     conv: Literal["diffusers", "conv2d"] = "diffusers"
@@ -88,9 +95,24 @@ class ModelSpec(_Section):
             raise ValueError("expected a non-empty list of positive channel counts")
         return v
 
+    @field_validator("batchnorm_momentum")
+    @classmethod
+    def _momentum_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("expected a momentum in (0, 1] or 'cumulative'")
+        return v
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return self.family == "course" or "batch" in (self.resnet_norm, self.attention_norm, self.out_norm)
+
     @model_validator(mode="after")
     def _family_fields(self) -> ModelSpec:
         n = len(self.block_out_channels)
+        if self.batchnorm_momentum != 0.1 and not self.has_batchnorm:
+            raise ValueError(
+                "batchnorm_momentum: this model has no BatchNorm layer; set a norm to 'batch' or remove it"
+            )
         if self.family == "diffusers":
             if self.blocks is None:
                 # The diffusers default: plain first block, attention below it (DAAA for 4 levels).
@@ -118,6 +140,8 @@ class ModelSpec(_Section):
                     raise ValueError(
                         f"{name}: the course UNet has fixed layers (pre-activation BatchNorm); leave it unset"
                     )
+            if self.init == "xavier_normal_relu_conv1_conv2":
+                raise ValueError("init: xavier_normal_relu_conv1_conv2 is for the diffusers family only")
             if self.attention_start is None:
                 object.__setattr__(self, "attention_start", 2)
             if self.attention_head_dim is None:
@@ -155,12 +179,34 @@ class TrainSpec(_Section):
     adam_eps: StrictFloat = Field(1e-5, gt=0)
     weight_decay: StrictFloat = Field(0.01, ge=0)  # torch's AdamW default, as the originals ran
     epochs: StrictInt = Field(5, gt=0)
-    # fp16 = autocast + gradient scaling as the originals ran on their GPU (CUDA only).
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Stop after this many epochs of the `epochs`-long OneCycle schedule (the lr at every step is the full
+    # schedule's): a long run's early phase on a short budget. Unset runs the whole schedule.
+    stop_after_epochs: StrictInt | None = Field(None, gt=0)
+    # The last, smaller batch of each epoch: "keep" trains on it, as the originals' DataLoader did
+    # (9,000 rows at batch 32 = 282 steps, the last of 8 rows); "drop" skips it (281 steps).
+    last_batch: Literal["keep", "drop"] = "keep"
+    # fp32: no autocast. fp16: autocast + a gradient scaler, as the course UNet's originals ran.
+    # fp16_unscaled: autocast, no scaler, as the Diffusers originals ran (their learner overrode
+    # backward and step). bf16: autocast, no scaler. fp16 modes need CUDA. See PRECISION_NOTES.
+    precision: Literal["fp32", "fp16", "fp16_unscaled", "bf16"] = "fp32"
     seed: StrictInt = 0
     # A run whose loss is non-finite, or exceeds this multiple of its early level, is stopped as diverged.
     divergence_factor: StrictFloat = Field(20.0, gt=1)
     checkpoint: Literal["none", "final"] = "none"
+
+    @model_validator(mode="after")
+    def _stop_within_schedule(self) -> TrainSpec:
+        if self.stop_after_epochs is not None and self.stop_after_epochs >= self.epochs:
+            raise ValueError(
+                f"stop_after_epochs: expected fewer than train.epochs ({self.epochs}); "
+                "leave it unset to run the whole schedule"
+            )
+        return self
+
+    @property
+    def epochs_run(self) -> int:
+        """Epochs actually trained: `stop_after_epochs` of the schedule, or all of it."""
+        return self.stop_after_epochs or self.epochs
 
 
 class StatsSpec(_Section):
@@ -193,6 +239,9 @@ class Spec(_Section):
     axis: str = "other"
     # Profiles whose default suite runs this spec (``nox -s run_all`` with that profile).
     suites: tuple[Literal["smoke", "quick", "full"], ...] = ("quick", "full")
+    # The original notebook this spec reproduces (its name without .ipynb, as headed in the originals'
+    # printed losses); for a notebook that trained several segments, the first segment. None: no notebook.
+    reproduces: str | None = None
     profile: str = "full"
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
@@ -238,14 +287,46 @@ class Spec(_Section):
 
 # Profiles override dataset size and epochs after inheritance; `full` keeps the spec's own
 # (original) scale and precision (the originals ran fp16 on a GPU); the others train in fp32 so a
-# CPU can run them. `quick` is sized for a 2-core CPU: 1800 items (1620 train) for 3 epochs is
-# 150 optimiser steps at batch 32 (303 at batch 16). `smoke` is for tests: a few steps on a few latents.
+# CPU can run them, and run their whole short schedule (no stop_after_epochs). `quick` is sized for a
+# 2-core CPU: 1800 items (1620 train) for 3 epochs is 153 optimiser steps at batch 32 (51 per epoch,
+# the last of 20 rows; 303 at batch 16). `smoke` is for tests: a few steps on a few latents.
 # Samples: 3 DDIM steps (smoke), 20 (quick: about 10 s per sampler on one CPU thread), the spec's own (full).
+_SHORT = {"precision": "fp32", "stop_after_epochs": None}
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"size": 160}, "train": {"epochs": 1, "precision": "fp32"}, "sample": {"steps": 3}},
-    "quick": {"data": {"size": 1800}, "train": {"epochs": 3, "precision": "fp32"}, "sample": {"steps": 20}},
+    "smoke": {"data": {"size": 160}, "train": {"epochs": 1, **_SHORT}, "sample": {"steps": 3}},
+    "quick": {"data": {"size": 1800}, "train": {"epochs": 3, **_SHORT}, "sample": {"steps": 20}},
     "full": {},
 }
+
+# What each train.precision runs and why a spec uses it: the text the spec pages show.
+PRECISION_NOTES: dict[str, str] = {
+    "fp32": "fp32: no autocast and no gradient scaler; every value is float32.",
+    "fp16": (
+        "fp16 (scaled): float16 autocast with a dynamic gradient scaler, which multiplies the loss before "
+        "backward, unscales the gradients before the step and skips a step whose gradients overflow. "
+        "This is how the course UNet's originals ran (miniai's mixed-precision callback)."
+    ),
+    "fp16_unscaled": (
+        "fp16 unscaled: float16 autocast with no gradient scaler, so small gradients can underflow to zero "
+        "and a step with overflowing gradients is taken. This is how the Diffusers originals ran: their "
+        "learner overrode backward and step, so miniai's mixed-precision callback never scaled the loss."
+    ),
+    "bf16": (
+        "bf16: bfloat16 autocast with no gradient scaler (bfloat16 has float32's exponent range). "
+        "No original ran it."
+    ),
+}
+
+
+def describe_precision(spec: Spec) -> str:
+    """Which precision mode the run used and why: the mode's note, plus the profile's override if any."""
+    note = PRECISION_NOTES[spec.train.precision]
+    if spec.profile != "full" and "precision" in PROFILES[spec.profile].get("train", {}):
+        note += (
+            f" The {spec.profile} profile trains every spec in {spec.train.precision} so a CPU can run it; "
+            "the spec's own precision runs at the full profile."
+        )
+    return note
 
 
 # ---------------------------------------------------------------- YAML loading
@@ -384,7 +465,12 @@ def discover(folder: str | Path) -> list[Path]:
 # (beta_end 0.01) on latents x 0.18215 in mixed precision.
 
 SEED_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "size": 10_000, "epochs": 5}
-_INIT_TOKENS = {"InitXavierNormRelu": "xavier_normal_relu", "NoInit": "default"}
+# "InitUpg" (after InitXavierNormRelu in the one notebook that has it) extended the Xavier init to conv1.
+_INIT_TOKENS = {
+    "InitXavierNormRelu": "xavier_normal_relu",
+    "NoInit": "default",
+    "InitUpg": "xavier_normal_relu_conv1_conv2",
+}
 
 
 def _format_lr(lr: float) -> str:
@@ -412,7 +498,8 @@ def from_seed_name(name: str, profile: str = "full") -> Spec:
         )
     channels = [int(c) for c in m.group(1).split(",")]
     model: dict[str, Any] = {"block_out_channels": channels, "blocks": m.group(2)}
-    train: dict[str, Any] = {"precision": "fp16"}
+    # Notebooks with these names trained the Diffusers UNet, whose learner never scaled the gradients.
+    train: dict[str, Any] = {"precision": "fp16_unscaled"}
     data: dict[str, Any] = {"scale": 0.18215}
     for token in filter(None, m.group(3).split("_")):
         try:

@@ -1,7 +1,8 @@
 """Training loop: one spec -> a trained model, metrics.json and the activation statistics file.
 
 The loop is the originals' (miniai Learner with DDPM-style callbacks): AdamW with OneCycleLR over
-all steps, MSE between predicted and true noise, optional mixed precision. Added for the lab:
+all steps, MSE between predicted and true noise, optional mixed precision (with or without a gradient
+scaler: the Diffusers originals ran without one), the last partial batch kept. Added for the lab:
 a fixed-noise validation set so epochs and variants are compared on the same noise, BatchNorm
 validation both with running statistics (as the originals reported) and with batch statistics,
 and a divergence guard that stops a run whose loss explodes but keeps what was recorded.
@@ -32,7 +33,7 @@ from runner.faults import kill_point
 from runner.files import write_json, write_text
 from runner.models import build
 from runner.noise import Noiser
-from runner.spec import Spec
+from runner.spec import Spec, TrainSpec
 from runner.stats import ActivationStats, save_stats
 
 # Validation noise is drawn from this seed every epoch, for every variant: same noise, comparable losses.
@@ -71,11 +72,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision, or a clear error where the device cannot run it."""
     if precision == "fp32":
         return None
-    if precision == "fp16":
+    if precision in ("fp16", "fp16_unscaled"):
         if device.type != "cuda":
             raise PrecisionError(
-                "precision fp16 (mixed precision with gradient scaling, as the originals ran) needs a CUDA "
-                f"device; this run is on {device}. Use precision: fp32 (or bf16) on a CPU."
+                f"precision {precision} (float16 mixed precision, as the originals ran on their GPU) needs a "
+                f"CUDA device; this run is on {device}. Use precision: fp32 (or bf16) on a CPU."
             )
         return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -83,6 +84,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             f"precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16"
         )
     return torch.bfloat16
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler for precision "fp16" only; every other mode (fp16_unscaled included) gets none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def train_loader(x: torch.Tensor, t: TrainSpec) -> BatchLoader:
+    """The shuffled training batches of one spec; `t.last_batch` decides the last, smaller batch."""
+    return BatchLoader(x, t.batch_size, shuffle=True, seed=t.seed, drop_last=t.last_batch == "drop")
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -176,7 +187,7 @@ class _Run:
         self.grad_norms: list[float] = []
         self.epochs: list[dict[str, Any]] = []
         self.params = 0
-        self.steps_per_epoch = self.steps_total = 0
+        self.steps_per_epoch = self.steps_total = self.schedule_steps = 0
         self.started = time.perf_counter()
         self.train_seconds = 0.0
 
@@ -195,6 +206,8 @@ class _Run:
             "steps_per_epoch": self.steps_per_epoch,
             "steps_completed": steps,
             "steps_total": self.steps_total,
+            # The OneCycle length: more than steps_total when the spec stops after its first epochs.
+            "schedule_steps": self.schedule_steps,
             "batches": {"loss": self.losses, "lr": self.lrs, "grad_norm": self.grad_norms},
             "epochs": self.epochs,
             "final": {k: last.get(k) for k in ("train_loss", "valid_loss", "valid_loss_batch_stats")},
@@ -256,27 +269,36 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
     spec, device = run.spec, run.device
     t = spec.train
     train_x, valid_x = splits.train.to(device), splits.valid.to(device)
-    loader = BatchLoader(train_x, t.batch_size, shuffle=True, seed=t.seed, drop_last=True)
+    loader = train_loader(train_x, t)
     valid_loader = BatchLoader(valid_x, t.batch_size, shuffle=False, seed=0, drop_last=False)
-    if len(loader) == 0:
+    if len(train_x) < t.batch_size:  # with last_batch keep too: one short batch per epoch is a mistake
         raise ValueError(f"{spec.id}: {len(train_x)} training latents make no full batch of {t.batch_size}")
-    run.steps_per_epoch, run.steps_total = len(loader), t.epochs * len(loader)
+    has_bn = bool(_batchnorms(model))
+    if has_bn and t.last_batch == "keep" and len(train_x) % t.batch_size == 1:
+        # BatchNorm cannot normalise a single item whose feature map is 1x1 (the deepest levels).
+        raise ValueError(
+            f"{spec.id}: {len(train_x)} training latents at batch {t.batch_size} leave a last batch of one "
+            "item, whose BatchNorm batch statistics are degenerate (an error on 1x1 maps); set "
+            "train.last_batch: drop or another batch size"
+        )
+    # The OneCycle schedule spans all `epochs`; stop_after_epochs only ends the loop early.
+    run.steps_per_epoch, run.steps_total = len(loader), t.epochs_run * len(loader)
+    run.schedule_steps = t.epochs * len(loader)
 
     noiser = Noiser(spec.noise, spec.model.family)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=run.steps_total)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=run.schedule_steps)
+    scaler = make_scaler(t.precision, device)
     gen = torch.Generator(device).manual_seed(t.seed)
     guard = DivergenceGuard(t.divergence_factor)
     check_every = CUDA_CHECK_EVERY if device.type == "cuda" else CPU_CHECK_EVERY
-    has_bn = bool(_batchnorms(model))
 
     # Outside a terminal (papermill logs every refresh as a line) the bar refreshes rarely.
     interval = 0.5 if sys.stderr.isatty() else 15.0
     bar = tqdm(total=run.steps_total, desc=spec.id, disable=not progress, unit="step", mininterval=interval)
     pending_loss: list[torch.Tensor] = []
     pending_gn: list[torch.Tensor] = []
-    for epoch in range(1, t.epochs + 1):
+    for epoch in range(1, t.epochs_run + 1):
         model.train()
         stats.recording = True
         first_step = len(run.losses) + len(pending_loss)
@@ -286,12 +308,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             with _autocast(device, amp):
                 pred = model(xt, tt)
             loss = F.mse_loss(pred.float(), noise)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-            scaler.step(opt)
-            scaler.update()
+            grad_norm = _step(model, opt, scaler, loss)
             run.lrs.append(sched.get_last_lr()[0])
             sched.step()
             pending_loss.append(loss.detach())
@@ -312,6 +329,22 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             bar.write(f"{spec.id}: non-finite validation loss after step {run.diverged_at}")
             break
     bar.close()
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, scaler, loss: torch.Tensor) -> torch.Tensor:
+    """Backward and optimiser step, through `scaler` when there is one; returns the gradient norm."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        opt.step()
+        return grad_norm
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    scaler.step(opt)
+    scaler.update()
+    return grad_norm
 
 
 def _flush(

@@ -286,3 +286,44 @@ def test_course_timestep_embedding():
     assert torch.allclose(emb[1], torch.cat([(0.3 * freqs).sin(), (0.3 * freqs).cos()]))
     assert torch.equal(emb[0], torch.cat([torch.zeros(4), torch.ones(4)]))
     assert timestep_embedding(t, 9).shape == (2, 9)
+
+
+def test_xavier_on_conv1_and_conv2_as_the_initupg_original():
+    torch.manual_seed(0)
+    model = build(make_spec(block_out_channels=[64, 128, 256, 512], init="xavier_normal_relu_conv1_conv2"))
+    gain = math.sqrt(2.0)
+    resnets = [r for r in model.modules() if isinstance(r, ResnetBlock2D)]
+    for r in resnets:
+        for w in (r.conv1.weight, r.conv2.weight):
+            expected = gain * math.sqrt(2.0 / (w.shape[1] * 9 + w.shape[0] * 9))
+            assert abs(w.std().item() / expected - 1) < 0.06, (w.shape, w.std().item(), expected)
+    assert len(resnets) == 2 * 4 + 3 * 4 + 2
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.01, "cumulative"])
+def test_batchnorm_momentum_reaches_every_batchnorm_and_updates_as_pytorch_defines(momentum):
+    model = build(make_spec(resnet_norm="batch", attention_norm="batch", out_norm="batch",
+                            batchnorm_momentum=momentum))
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    counts = count_module_types(model)
+    # Two per resnet, one per attention (mid included), conv_norm_out.
+    assert len(bns) == 2 * counts["ResnetBlock2D"] + counts["Attention"] + 1
+    want = None if momentum == "cumulative" else momentum
+    assert all(bn.momentum == want for bn in bns)
+    # The running mean after three batches, against the update rule written out.
+    bn = bns[0]
+    torch.manual_seed(0)
+    batches = [torch.randn(4, bn.num_features, 5, 5) + k for k in range(3)]
+    running = torch.zeros(bn.num_features)
+    for k, xb in enumerate(batches, start=1):
+        bn(xb)
+        m = xb.mean((0, 2, 3))
+        weight = 1 / k if momentum == "cumulative" else momentum  # cumulative: the plain average
+        running = (1 - weight) * running + weight * m
+    torch.testing.assert_close(bn.running_mean, running)
+
+
+def test_course_unet_takes_the_batchnorm_momentum():
+    spec = build_spec({"id": "c", "model": {"family": "course", "batchnorm_momentum": "cumulative"}}, "test")
+    bns = [m for m in build(spec).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(bn.momentum is None for bn in bns)

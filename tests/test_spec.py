@@ -150,6 +150,13 @@ def test_seed_name_missing_tokens_take_the_originals_defaults():
     assert spec.model.init == "zero_conv2" and spec.model.resnet_norm == "group"
 
 
+def test_seed_name_initupg_means_xavier_on_conv1_and_conv2():
+    name = "(32,32,64,64,128)_(DAAAA)_InitXavierNormRelu_Conv_BN_Bs16_Lr1e-4_InitUpg"
+    spec = from_seed_name(name)
+    assert spec.model.init == "xavier_normal_relu_conv1_conv2" and spec.train.lr == 1e-4
+    assert from_seed_name(spec.seed_name()).content_hash() == spec.content_hash()
+
+
 def test_seed_name_more_latents_than_bundled_is_a_valid_spec():
     assert from_seed_name(ORIGINAL_NAMES[1]).data.size == 100_000
 
@@ -197,7 +204,13 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ("model:\n  family: course\n  blocks: DAAA\n", "blocks", "course"),
         ("model:\n  attention_start: 1\n", "attention_start", "course family"),
         ("noise:\n  schedule: cosine\n  beta_end: 0.01\n", "beta_end", "ddim"),
-        ("train:\n  precision: fp8\n", "train.precision", "'fp32', 'fp16' or 'bf16'"),
+        ("train:\n  precision: fp8\n", "train.precision", "'fp32', 'fp16', 'fp16_unscaled' or 'bf16'"),
+        ("train:\n  last_batch: partial\n", "train.last_batch", "'keep' or 'drop'"),
+        ("train:\n  epochs: 5\n  stop_after_epochs: 5\n", "stop_after_epochs", "fewer than train.epochs (5)"),
+        ("train:\n  stop_after_epochs: 0\n", "train.stop_after_epochs", "greater than 0"),
+        ("model:\n  batchnorm_momentum: 0.01\n", "batchnorm_momentum", "no BatchNorm layer"),
+        ("model:\n  resnet_norm: batch\n  batchnorm_momentum: 0\n", "batchnorm_momentum", "(0, 1]"),
+        ("model:\n  family: course\n  init: xavier_normal_relu_conv1_conv2\n", "init", "diffusers family"),
         ("- just\n- a list\n", "top level", "mapping"),
         ("id: other\n", "id", "file name"),
     ],
@@ -235,3 +248,58 @@ def test_build_spec_rejects_unsafe_id():
     with pytest.raises(SpecError, match="not a safe id"):
         build_spec({"id": "../../etc"}, "inline")
     assert isinstance(build_spec({"id": "ok"}, "inline"), Spec)
+
+
+def test_new_training_options_default_to_what_the_originals_ran(tmp_path):
+    spec = load_spec(write(tmp_path, "plain.yaml", ""))
+    assert (spec.train.last_batch, spec.train.stop_after_epochs, spec.train.epochs_run) == ("keep", None, 5)
+    assert spec.model.batchnorm_momentum == 0.1 and spec.reproduces is None
+    body = "model:\n  resnet_norm: batch\n  batchnorm_momentum: cumulative\n"
+    bn = load_spec(write(tmp_path, "bn.yaml", body))
+    assert bn.model.batchnorm_momentum == "cumulative"
+
+
+def test_short_profiles_run_their_whole_schedule(tmp_path):
+    body = "train:\n  epochs: 60\n  stop_after_epochs: 15\n  precision: fp16_unscaled\n"
+    path = write(tmp_path, "s.yaml", body)
+    full = load_spec(path)
+    assert (full.train.epochs_run, full.train.precision) == (15, "fp16_unscaled")
+    for name in ("smoke", "quick"):
+        short = load_spec(path, name)
+        assert short.train.stop_after_epochs is None and short.train.epochs_run == short.train.epochs
+        assert short.train.precision == "fp32"
+
+
+def test_precision_notes_say_which_mode_ran_and_why(tmp_path):
+    from runner.spec import PRECISION_NOTES, describe_precision
+
+    assert set(PRECISION_NOTES) == {"fp32", "fp16", "fp16_unscaled", "bf16"}
+    path = write(tmp_path, "p.yaml", "train:\n  precision: fp16_unscaled\n")
+    full = describe_precision(load_spec(path))
+    assert "no gradient scaler" in full and "Diffusers originals" in full and "profile" not in full
+    quick = describe_precision(load_spec(path, "quick"))
+    assert quick.startswith("fp32") and "quick profile" in quick
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TRAINING_SECTIONS = ("data.", "model.", "noise.", "train.")
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_experiment_spec_validates(profile):
+    specs = [load_spec(p, profile) for p in discover(EXPERIMENTS)]
+    assert len({s.id for s in specs}) == len(specs)
+
+
+def test_each_ablation_axis_varies_one_field():
+    specs = [load_spec(p) for p in discover(EXPERIMENTS)]
+    axes: dict[str, list[Spec]] = {}
+    for spec in specs:
+        if spec.group == "ablations":
+            axes.setdefault(spec.axis, []).append(spec)
+    assert len(axes) == 4  # gradient scaling (two bases), timestep input, BatchNorm running statistics
+    for axis, members in axes.items():
+        flats = [{k: v for k, v in s.flat().items() if k.startswith(TRAINING_SECTIONS)} for s in members]
+        changed = {k for f in flats for k in f if len({repr(g[k]) for g in flats}) > 1}
+        assert len(members) >= 2 and len(changed) == 1, (axis, changed)
+        assert len({repr(f[next(iter(changed))]) for f in flats}) == len(members), f"{axis}: repeated value"

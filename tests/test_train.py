@@ -11,9 +11,16 @@ import torch
 
 from runner.spec import build_spec
 from runner.stats import load_stats
-from runner.train import DivergenceGuard, PrecisionError, autocast_dtype, batch_statistics, train
+from runner.train import (
+    DivergenceGuard,
+    PrecisionError,
+    autocast_dtype,
+    batch_statistics,
+    train,
+    train_loader,
+)
 
-# Two levels, 96 latents (86 train) -> 5 steps per epoch at batch 16.
+# Two levels, 96 latents (86 train) -> 6 steps per epoch at batch 16 (5 full batches and one of 6 rows).
 TINY_MODEL = {"block_out_channels": [32, 64], "blocks": "DA", "layers_per_block": 1}
 
 
@@ -34,7 +41,7 @@ def test_two_cpu_runs_with_one_seed_give_identical_losses(tmp_path):
     b = train(spec, tmp_path / "b", device="cpu", progress=False)
     assert a.status == b.status == "completed"
     assert a.metrics["batches"]["loss"] == b.metrics["batches"]["loss"]
-    assert len(a.metrics["batches"]["loss"]) == 10 == a.metrics["steps_total"]
+    assert len(a.metrics["batches"]["loss"]) == 12 == a.metrics["steps_total"]
     other = train(tiny("other", train={"epochs": 2, "seed": 1}), tmp_path / "c", device="cpu", progress=False)
     assert other.metrics["batches"]["loss"] != a.metrics["batches"]["loss"]
 
@@ -52,8 +59,8 @@ def test_run_folder_holds_metrics_stats_and_resolved_spec(tmp_path):
     assert len(metrics["batches"]["lr"]) == len(metrics["batches"]["grad_norm"]) == metrics["steps_completed"]
     stats = load_stats(tmp_path / "stats.npz")
     # One recorded step per training batch; validation forwards are not recorded.
-    assert stats["mean"].shape[0] == metrics["steps_completed"] == 5
-    assert stats["hist"].shape[2] == 5 and len(stats["names"]) == stats["mean"].shape[1] > 0
+    assert stats["mean"].shape[0] == metrics["steps_completed"] == 6
+    assert stats["hist"].shape[2] == 6 and len(stats["names"]) == stats["mean"].shape[1] > 0
     assert result.metrics["final"]["valid_loss"] == epoch["valid_loss"]
 
 
@@ -88,13 +95,44 @@ def test_guard_flags_non_finite_and_explosions_only():
 
 
 def test_precision_the_device_cannot_run_is_a_clear_error(tmp_path):
-    with pytest.raises(PrecisionError, match="fp16.*CUDA"):
-        autocast_dtype("fp16", torch.device("cpu"))
+    for mode in ("fp16", "fp16_unscaled"):
+        with pytest.raises(PrecisionError, match=f"{mode} .*CUDA"):
+            autocast_dtype(mode, torch.device("cpu"))
     assert autocast_dtype("fp32", torch.device("cpu")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-    with pytest.raises(PrecisionError):
-        train(tiny("fp16", train={"precision": "fp16"}), tmp_path, device="cpu", progress=False)
-    assert not (tmp_path / "metrics.json").exists(), "refused before any work"
+    for mode in ("fp16", "fp16_unscaled"):
+        with pytest.raises(PrecisionError):
+            train(tiny(mode, train={"precision": mode}), tmp_path / mode, device="cpu", progress=False)
+        assert not (tmp_path / mode / "metrics.json").exists(), "refused before any work"
+
+
+class SpyScaler(torch.amp.GradScaler):
+    """The real GradScaler, counting how many were created and how often one stepped."""
+
+    created = 0
+    steps = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        SpyScaler.created += 1
+
+    def step(self, optimizer, *args, **kwargs):
+        SpyScaler.steps += 1
+        return super().step(optimizer, *args, **kwargs)
+
+
+@pytest.mark.parametrize("mode, scalers", [("fp16_unscaled", 0), ("fp16", 1), ("fp32", 0)])
+def test_only_scaled_fp16_creates_and_steps_a_gradient_scaler(tmp_path, monkeypatch, mode, scalers):
+    # On CPU the fp16 modes are refused; here the device check is replaced by bfloat16 autocast (which a
+    # CPU runs), so the whole loop runs with the fp16 modes' scaler decisions.
+    monkeypatch.setattr("runner.train.autocast_dtype", lambda p, d: None if p == "fp32" else torch.bfloat16)
+    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    monkeypatch.setattr(SpyScaler, "created", 0)
+    monkeypatch.setattr(SpyScaler, "steps", 0)
+    result = train(tiny(mode, train={"precision": mode}), tmp_path, device="cpu", progress=False)
+    assert result.status == "completed" and result.metrics["steps_completed"] == 6
+    assert (SpyScaler.created, SpyScaler.steps) == (scalers, 6 * scalers)
+    assert result.metrics["environment"]["precision"] == mode
 
 
 def test_batch_statistics_leaves_running_statistics_alone():
@@ -151,3 +189,41 @@ def test_non_finite_validation_loss_is_divergence_at_that_step(tmp_path, monkeyp
     assert m["steps_completed"] == m["steps_per_epoch"] < m["steps_total"], "stopped after epoch 1"
     assert m["diverged_at_step"] == m["steps_per_epoch"] - 1
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"][0]["valid_loss"] is None
+
+
+def test_last_partial_batch_is_kept_by_default_as_the_originals_did():
+    rows = torch.arange(9000.0)
+    keep = train_loader(rows, build_spec({"id": "k"}, "test").train)
+    sizes = [len(b) for b in keep]
+    assert len(keep) == len(sizes) == 282 and sizes[-1] == 9000 - 281 * 32 == 8
+    assert sorted(torch.cat(list(keep)).tolist()) == rows.tolist(), "every row once per epoch"
+    drop = train_loader(rows, build_spec({"id": "d", "train": {"last_batch": "drop"}}, "test").train)
+    assert len(drop) == len(list(drop)) == 281
+
+
+def test_last_batch_option_sets_the_steps_the_loop_runs(tmp_path):
+    drop = train(tiny("drop", train={"last_batch": "drop"}), tmp_path, device="cpu", progress=False)
+    assert drop.metrics["steps_per_epoch"] == drop.metrics["steps_completed"] == 5
+
+
+def test_a_last_batch_of_one_item_with_batchnorm_is_refused(tmp_path):
+    # 90 latents -> 81 train rows: five batches of 16 and one of a single item.
+    spec = tiny("one", data={"size": 90}, model={"resnet_norm": "batch"})
+    with pytest.raises(ValueError, match="last batch of one item.*last_batch: drop"):
+        train(spec, tmp_path, device="cpu", progress=False)
+
+
+def test_stopping_after_k_epochs_follows_the_full_schedule_exactly(tmp_path):
+    full = train(tiny("full", train={"epochs": 2}), tmp_path / "full", device="cpu", progress=False)
+    part_spec = tiny("part", train={"epochs": 2, "stop_after_epochs": 1})
+    part = train(part_spec, tmp_path / "part", device="cpu", progress=False)
+    steps = part.metrics["steps_per_epoch"]
+    assert part.status == "completed"
+    assert part.metrics["steps_completed"] == part.metrics["steps_total"] == steps == 6
+    assert part.metrics["schedule_steps"] == full.metrics["schedule_steps"] == 2 * steps
+    assert part.metrics["batches"]["lr"] == full.metrics["batches"]["lr"][:steps]
+    assert part.metrics["batches"]["loss"] == full.metrics["batches"]["loss"][:steps]
+    # Not a one-epoch schedule: OneCycle over 1 epoch would already be past its peak by now.
+    short = train(tiny("short", train={"epochs": 1}), tmp_path / "short", device="cpu", progress=False)
+    assert part.metrics["batches"]["lr"] != short.metrics["batches"]["lr"]
+    assert len(part.metrics["epochs"]) == 1
