@@ -33,9 +33,9 @@ class _Strict(BaseModel):
 
 
 class Batches(_Strict):
-    loss: tuple[float | None, ...]  # null: a non-finite loss (JSON has no NaN)
-    lr: tuple[float | None, ...]
-    grad_norm: tuple[float | None, ...]
+    loss: list[float | None]  # null: a non-finite loss (JSON has no NaN)
+    lr: list[float | None]
+    grad_norm: list[float | None]
 
 
 class BnGap(_Strict):
@@ -88,7 +88,7 @@ class Metrics(_Strict):
     steps_completed: int
     steps_total: int
     batches: Batches
-    epochs: tuple[Epoch, ...]
+    epochs: list[Epoch]
     final: Final
     timings: Timings
     environment: Environment
@@ -98,7 +98,7 @@ class Metrics(_Strict):
         """The record of a run that failed before training wrote one (no torch import needed)."""
         return cls(id=spec.id, title=spec.title, spec_hash=spec.content_hash(), profile=spec.profile,
                    status="failed", diverged_at_step=None, error=error, params=0, steps_per_epoch=0,
-                   steps_completed=0, steps_total=0, batches=Batches(loss=(), lr=(), grad_norm=()), epochs=(),
+                   steps_completed=0, steps_total=0, batches=Batches(loss=[], lr=[], grad_norm=[]), epochs=[],
                    final=Final(train_loss=None, valid_loss=None, valid_loss_batch_stats=None),
                    timings=Timings(total_s=round(seconds, 3), step_s=None),
                    environment=Environment(device=None, precision=spec.train.precision,
@@ -167,7 +167,7 @@ class Run:
                 try:
                     self._stats = load_stats(path)
                 except StatsFileError as e:
-                    self._damage = self._damage or str(e)
+                    self._damage = self._damage or _relative(str(e), self.folder)
         return self._stats
 
     @property
@@ -198,16 +198,19 @@ def load_run(folder: Path, expect_id: str | None = None) -> Run:
     run_id = expect_id or folder.name
     try:
         spec = load_resolved(folder / SPEC_FILE)
-        metrics = read_metrics(folder)
-        _verify_manifest(folder)
-    except (SpecError, ValueError) as e:
-        return Run(run_id, folder, None, None, _damage=str(e))
+    except SpecError as e:
+        return Run(run_id, folder, None, None, _damage=_relative(str(e), folder))
     if expect_id is not None and spec.id != expect_id:
-        return Run(run_id, folder, None, None, _damage=f"{folder / SPEC_FILE}: id {spec.id!r}, "
+        return Run(run_id, folder, None, None, _damage=f"{folder.name}/{SPEC_FILE}: id {spec.id!r}, "
                                                         f"expected the folder name {expect_id!r}")
     run_id = spec.id
+    try:
+        metrics = read_metrics(folder)
+        _verify_manifest(folder)
+    except ValueError as e:  # the spec is still shown: it says what the run was meant to be
+        return Run(run_id, folder, spec, None, _damage=_relative(str(e), folder))
     if metrics.id != spec.id:
-        return Run(run_id, folder, spec, None, _damage=f"{folder / METRICS_FILE}: id {metrics.id!r}, "
+        return Run(run_id, folder, spec, None, _damage=f"{folder.name}/{METRICS_FILE}: id {metrics.id!r}, "
                                                         f"expected {spec.id!r}")
     return Run(run_id, folder, spec, metrics)
 
@@ -229,6 +232,11 @@ def load_runs(results_dir: Path) -> list[Run]:
             continue
         runs.append(load_run(folder, folder.name))
     return runs
+
+
+def _relative(message: str, folder: Path) -> str:
+    """Damage reasons name files relative to results/ (pages must not show the machine's paths)."""
+    return message.replace(str(folder), folder.name).replace(str(folder.resolve()), folder.name)
 
 
 def _placeholder_id(name: str) -> str:
