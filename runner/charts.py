@@ -102,8 +102,10 @@ class _Run:
 
     @classmethod
     def of(cls, run: Run) -> _Run:
-        stats = run.stats  # read first: a damaged statistics file marks the run damaged
-        return cls(run.id, run.metrics, stats, run.status)
+        """Nothing of a damaged run is drawn: it is shown as an empty panel saying it is damaged."""
+        if run.damaged:
+            return cls(run.id, None, None, "damaged")
+        return cls(run.id, run.metrics, run.stats, run.status)
 
     @property
     def diverged_at(self) -> int | None:
