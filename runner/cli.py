@@ -67,10 +67,14 @@ def _site(args: argparse.Namespace) -> int:
     return site_main(args)
 
 
-def _encode(args: argparse.Namespace) -> int:
-    from runner.encode import run_encode
+def _encode(argv: list[str]) -> int:
+    # encode's options come from runner.encode, which imports torch: they are parsed here, only for this
+    # command, so that the others (validate, seed-name, site) never import torch.
+    from runner.encode import add_encode_arguments, run_encode
 
-    return run_encode(args)
+    ap = argparse.ArgumentParser(prog="python -m runner encode", description="encode LSUN images into latents")
+    add_encode_arguments(ap)
+    return run_encode(ap.parse_args(argv))
 
 
 def _profile(p: argparse.ArgumentParser, default: str) -> None:
@@ -112,17 +116,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-build", action="store_true", help="render Markdown only, skip mkdocs build")
     p.set_defaults(func=_site)
 
-    p = sub.add_parser("encode", help="encode LSUN images into latents (needs the VAE; a GPU helps)")
-    try:
-        from runner.encode import add_encode_arguments
-
-        add_encode_arguments(p)
-    except ImportError:  # encode's optional pieces are imported lazily; the parser must still build
-        pass
-    p.set_defaults(func=_encode)
+    # Listed for --help only: main() hands `encode ...` to _encode before this parser sees it.
+    sub.add_parser("encode", help="encode LSUN images into latents (needs the VAE; a GPU helps)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["encode"]:
+        return _encode(argv[1:])
     args = parser().parse_args(argv)
     return args.func(args)

@@ -19,9 +19,13 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import default
+
 from runner import __version__
-from runner.files import read_json, write_json
-from runner.spec import Spec, SpecError, discover, load_spec
+from runner.files import write_json
+from runner.results import Metrics, read_metrics, write_metrics
+from runner.spec import Spec, SpecError, discover, load_resolved, load_spec
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "experiment.ipynb"
 KERNEL = "python3"
@@ -30,6 +34,25 @@ KERNEL = "python3"
 CACHEABLE = ("completed", "diverged")
 
 log = logging.getLogger("runner.execute")
+
+
+class _IpcKernelManager(AsyncKernelManager):
+    """Kernels talk to papermill over Unix sockets (IPC) instead of TCP on localhost: no open port, and
+    no "Kernel is running over TCP without encryption" warning printed for every experiment."""
+
+    @default("transport")
+    def _default_transport(self) -> str:
+        return "ipc"
+
+
+def kernel_spec(spec_path: str, profile: str, expected_python: str) -> Spec:
+    """The notebook's first call: check that the kernel runs the interpreter `runner run` expects (or the
+    run would use other packages), then load the spec. `runner run` always passes a resolved spec.yaml;
+    a spec file (someone running the notebook by hand) is resolved with `profile`."""
+    if expected_python and Path(sys.executable).resolve() != Path(expected_python).resolve():
+        raise RuntimeError(f"kernel runs {sys.executable}, expected {expected_python}: "
+                           "install ipykernel in the project's environment")
+    return load_resolved(spec_path) if Path(spec_path).name == "spec.yaml" else load_spec(spec_path, profile)
 
 
 class _CellChatter(logging.Filter):
@@ -85,13 +108,13 @@ def collect_specs(paths: list[str | Path], profile: str) -> list[Spec]:
 
 def cache_hit(spec: Spec, run_dir: Path) -> bool:
     try:
-        metrics = read_json(run_dir / "metrics.json")
-    except (FileNotFoundError, ValueError):
+        metrics = read_metrics(run_dir)
+    except ValueError:
         return False
     return (
-        metrics.get("spec_hash") == spec.content_hash()
-        and metrics.get("environment", {}).get("runner") == __version__
-        and metrics.get("status") in CACHEABLE
+        metrics.spec_hash == spec.content_hash()
+        and metrics.environment.runner == __version__
+        and metrics.status in CACHEABLE
         and (run_dir / "notebook.ipynb").exists()
     )
 
@@ -122,35 +145,29 @@ def run_one(spec: Spec, results: Path, device: str | None = None) -> Outcome:
                 progress_bar=False,
                 log_output=True,
                 cwd=str(tmp),
+                kernel_manager_class=_IpcKernelManager,
             )
         except Exception as e:  # the notebook failed: record why, keep what it wrote
             _record_failure(spec, tmp, e)
-        metrics = read_json(tmp / "metrics.json")
+        metrics = read_metrics(tmp)
         if not (tmp / "charts").exists():
             run_charts(tmp)  # the notebook stopped before drawing: draw what the files allow
         _move_into_place(tmp, results / spec.id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    detail = metrics.get("error") or ""
-    if metrics["status"] == "diverged":
-        detail = f"diverged at step {metrics['diverged_at_step']}"
-    return Outcome(spec.id, metrics["status"], False, time.perf_counter() - start, detail)
+    detail = metrics.status_text if metrics.status == "diverged" else metrics.error or ""
+    return Outcome(spec.id, metrics.status, False, time.perf_counter() - start, detail)
 
 
 def _record_failure(spec: Spec, run_dir: Path, error: Exception) -> None:
     """Make sure a failed run has metrics.json saying so, with the error that stopped it."""
     message = _error_message(error)
-    path = run_dir / "metrics.json"
     try:
-        metrics = read_json(path)
-    except (FileNotFoundError, ValueError):
-        from runner.train import failed_metrics  # torch is imported only on this rare path
-
-        metrics = failed_metrics(spec, message)
-    metrics["status"] = "failed"
-    metrics["error"] = metrics.get("error") or message
-    write_json(path, metrics)
+        metrics = read_metrics(run_dir)
+    except ValueError:  # the notebook stopped before training wrote its record
+        metrics = Metrics.failed(spec, message)
+    write_metrics(run_dir, metrics.model_copy(update={"status": "failed", "error": metrics.error or message}))
 
 
 def _error_message(error: Exception) -> str:
@@ -179,7 +196,7 @@ def run_suite(
         elapsed = time.perf_counter() - start
         head = f"[{k}/{len(specs)}] {spec.id}"
         if not force and cache_hit(spec, results / spec.id):
-            status = read_json(results / spec.id / "metrics.json")["status"]
+            status = read_metrics(results / spec.id).status
             outcomes.append(Outcome(spec.id, status, True, 0.0))
             print(f"{head}: cached ({status}), elapsed {elapsed:.0f}s", flush=True)
             continue
