@@ -72,7 +72,8 @@ def _encode(argv: list[str]) -> int:
     # command, so that the others (validate, seed-name, site) never import torch.
     from runner.encode import add_encode_arguments, run_encode
 
-    ap = argparse.ArgumentParser(prog="python -m runner encode", description="encode LSUN images into latents")
+    ap = argparse.ArgumentParser(prog="python -m runner encode",
+                                 description="encode LSUN images into latents")
     add_encode_arguments(ap)
     return run_encode(ap.parse_args(argv))
 

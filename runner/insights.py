@@ -94,7 +94,6 @@ def _nonfinite_steps(std: np.ndarray, hist: Any) -> int:
     return int(bad.any(axis=1).sum())
 
 
-
 @dataclass(frozen=True)
 class Health:
     """Measures of one run; a field is None when it cannot be computed (e.g. no stats for a failed run)."""
@@ -141,8 +140,9 @@ def _stats_measures(stats: Stats) -> dict[str, Any]:
     out: dict[str, Any] = {"has_stats": True, "nonfinite_steps": _nonfinite_steps(stats.std, stats.hist)}
     if np.isfinite(std).any():
         step, mod = np.unravel_index(np.nanargmax(std), std.shape)
-        out.update(max_std=float(std[step, mod]), max_std_module=names[mod],
-                   max_std_step=int(stats.steps[step]) + 1)
+        out.update(
+            max_std=float(std[step, mod]), max_std_module=names[mod], max_std_step=int(stats.steps[step]) + 1
+        )
     early, late = _nanmean(std[:k], axis=0), _nanmean(std[-k:], axis=0)
     if np.isfinite(late).any():
         m = int(np.nanargmax(late))
@@ -166,7 +166,9 @@ def measure(metrics: Metrics, stats: Stats | None) -> Health:
     """Health of one run from its metrics and its statistics (None: none recorded)."""
     final = metrics.final
     spikes, ratio = loss_spikes(metrics.batches.loss)
-    train, valid, valid_bs = (_num(v) for v in (final.train_loss, final.valid_loss, final.valid_loss_batch_stats))
+    train, valid, valid_bs = (
+        _num(v) for v in (final.train_loss, final.valid_loss, final.valid_loss_batch_stats)
+    )
     values: dict[str, Any] = {
         "status": metrics.status,
         "steps": metrics.steps_completed,
@@ -204,25 +206,35 @@ THRESHOLDS: dict[str, Threshold] = {
     "unhealthy_std_growth": Threshold("unhealthy", "std_growth", 20.0, "has runaway activations"),
     "unhealthy_loss_ratio": Threshold("unhealthy", "max_loss_ratio", 5.0, "had its loss rocket"),
     "unhealthy_nonfinite": Threshold("unhealthy", "nonfinite_steps", 0.0, "overflowed"),
-    "warning_max_std": Threshold("warning", "max_std", 5.0, "is far from the near-unit stds of a "
-                                 "well-scaled network"),
+    "warning_max_std": Threshold(
+        "warning", "max_std", 5.0, "is far from the near-unit stds of a well-scaled network"
+    ),
     "warning_std_growth": Threshold("warning", "std_growth", 4.0, "is drifting rather than steady"),
     "warning_mean_drift": Threshold("warning", "mean_drift", 3.0, "has shifted a whole distribution"),
-    "warning_dead_late": Threshold("warning", "dead_late", 0.5, "wastes capacity on near-zero "
-                                   "activations"),
-    "warning_valid_gap": Threshold("warning", "valid_gap", 2.0, "points at a train/eval mismatch such "
-                                   "as BatchNorm running statistics"),
-    "warning_loss_spikes": Threshold("warning", "loss_spikes", 2.0, "has more loss spikes than an "
-                                     "unlucky batch explains"),
+    "warning_dead_late": Threshold("warning", "dead_late", 0.5, "wastes capacity on near-zero activations"),
+    "warning_valid_gap": Threshold(
+        "warning", "valid_gap", 2.0, "points at a train/eval mismatch such as BatchNorm running statistics"
+    ),
+    "warning_loss_spikes": Threshold(
+        "warning", "loss_spikes", 2.0, "has more loss spikes than an unlucky batch explains"
+    ),
 }
 
 MEASURE_NAMES = {
-    "max_std": "max std", "std_growth": "std growth", "max_loss_ratio": "max loss ratio",
-    "nonfinite_steps": "non-finite steps", "mean_drift": "mean drift", "dead_late": "dead share late",
-    "valid_gap": "valid ÷ train loss", "loss_spikes": "loss spikes",
+    "max_std": "max std",
+    "std_growth": "std growth",
+    "max_loss_ratio": "max loss ratio",
+    "nonfinite_steps": "non-finite steps",
+    "mean_drift": "mean drift",
+    "dead_late": "dead share late",
+    "valid_gap": "valid ÷ train loss",
+    "loss_spikes": "loss spikes",
 }
-_MEASURE_MODULE = {"max_std": "max_std_module", "std_growth": "std_growth_module",
-                   "mean_drift": "mean_drift_module"}
+_MEASURE_MODULE = {
+    "max_std": "max_std_module",
+    "std_growth": "std_growth_module",
+    "mean_drift": "mean_drift_module",
+}
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from runner.insights import (
-    COURSE_ID, LEVELS, MEASURE_NAMES, REFERENCE_ID, SPIKE_FACTOR, SPIKE_SMOOTH, THRESHOLDS, WINDOW_SHARE,
-    Assessed, AxisTable, Row, Threshold, loss_scale, ranking,
+    COURSE_ID,
+    LEVELS,
+    MEASURE_NAMES,
+    REFERENCE_ID,
+    SPIKE_FACTOR,
+    SPIKE_SMOOTH,
+    THRESHOLDS,
+    WINDOW_SHARE,
+    Assessed,
+    AxisTable,
+    Row,
+    Threshold,
+    loss_scale,
+    ranking,
 )
 from runner.statsfile import BIN_WIDTH
 from runner.text import DASH, count_word, fmt, join_words, plural
@@ -21,21 +33,35 @@ _WINDOW = f"{WINDOW_SHARE:.0%}"
 
 MEASURES: dict[str, str] = {
     "max std": "The largest activation standard deviation of any watched module at any step, and the module.",
-    "std growth": (f"For the module with the largest mean std over the last {_WINDOW} of steps, that mean "
-                   f"divided by its mean std over the first {_WINDOW} of steps."),
-    "mean drift": ("The largest absolute change of a module's mean activation between the first and last "
-                   f"{_WINDOW} of steps."),
-    "dead early / dead late": (f"The share of |activations| in the lowest histogram bin (below {fmt(BIN_WIDTH)}), "
-                               f"averaged over modules and over the first / last {_WINDOW} of steps."),
-    "loss spikes": (f"The number of steps after the first {_WINDOW} whose batch loss exceeds "
-                    f"{fmt(SPIKE_FACTOR)} times the running minimum, over all earlier steps, of the "
-                    f"{fmt(SPIKE_SMOOTH)}-step trailing median of the batch loss."),
-    "max loss ratio": (f"The largest ratio, after the first {_WINDOW} of steps, of a batch loss to that same "
-                       f"running minimum (a spike when above {fmt(SPIKE_FACTOR)})."),
-    "non-finite steps": ("The number of steps at which some module's activation std was infinite, or NaN "
-                         "although the module ran."),
-    "valid ÷ train": ("The final validation loss divided by the final train loss; with BatchNorm also with "
-                      "batch statistics instead of running statistics."),
+    "std growth": (
+        f"For the module with the largest mean std over the last {_WINDOW} of steps, that mean "
+        f"divided by its mean std over the first {_WINDOW} of steps."
+    ),
+    "mean drift": (
+        "The largest absolute change of a module's mean activation between the first and last "
+        f"{_WINDOW} of steps."
+    ),
+    "dead early / dead late": (
+        f"The share of |activations| in the lowest histogram bin (below {fmt(BIN_WIDTH)}), "
+        f"averaged over modules and over the first / last {_WINDOW} of steps."
+    ),
+    "loss spikes": (
+        f"The number of steps after the first {_WINDOW} whose batch loss exceeds "
+        f"{fmt(SPIKE_FACTOR)} times the running minimum, over all earlier steps, of the "
+        f"{fmt(SPIKE_SMOOTH)}-step trailing median of the batch loss."
+    ),
+    "max loss ratio": (
+        f"The largest ratio, after the first {_WINDOW} of steps, of a batch loss to that same "
+        f"running minimum (a spike when above {fmt(SPIKE_FACTOR)})."
+    ),
+    "non-finite steps": (
+        "The number of steps at which some module's activation std was infinite, or NaN "
+        "although the module ran."
+    ),
+    "valid ÷ train": (
+        "The final validation loss divided by the final train loss; with BatchNorm also with "
+        "batch statistics instead of running statistics."
+    ),
     "diverged": "Whether training was stopped because the loss became non-finite or exceeded its limit.",
 }
 
@@ -52,8 +78,16 @@ def threshold_text(t: Threshold) -> str:
 
 
 def threshold_texts() -> list[dict[str, str]]:
-    return [{"name": k, "level": t.level, "measure": MEASURE_NAMES[t.measure], "limit": fmt(t.limit),
-             "text": threshold_text(t)} for k, t in THRESHOLDS.items()]
+    return [
+        {
+            "name": k,
+            "level": t.level,
+            "measure": MEASURE_NAMES[t.measure],
+            "limit": fmt(t.limit),
+            "text": threshold_text(t),
+        }
+        for k, t in THRESHOLDS.items()
+    ]
 
 
 # ---------------------------------------------------------------- axis sentences
@@ -61,9 +95,16 @@ def threshold_texts() -> list[dict[str, str]]:
 
 def _fold(ratio: float) -> str:
     """A ratio in words (no digits, so the sentence's numbers stay those of the table)."""
-    for limit, words in ((1000, "over a thousandfold lower"), (100, "over a hundredfold lower"),
-                         (10, "over tenfold lower"), (5, "under a fifth of it"), (4, "under a quarter of it"),
-                         (3, "under a third of it"), (2, "under half of it"), (1.25, "lower")):
+    for limit, words in (
+        (1000, "over a thousandfold lower"),
+        (100, "over a hundredfold lower"),
+        (10, "over tenfold lower"),
+        (5, "under a fifth of it"),
+        (4, "under a quarter of it"),
+        (3, "under a third of it"),
+        (2, "under half of it"),
+        (1.25, "lower"),
+    ):
         if ratio >= limit:
             return words
     return "slightly lower"
@@ -93,14 +134,22 @@ class _Comparison:
 
 
 _COMPARISONS = (
-    _Comparison("std_growth", "Every run's largest std grew by the same factor ({low}).",
-                "Std growth was lowest for {ids} ({low}) and highest for {high_id} ({high}, in {high_module})."),
-    _Comparison("dead_late", "All runs ended with the same dead share ({low}).",
-                "Fewest dead activations late in training: {ids} (dead share {low}, against {high} for "
-                "{high_id})."),
+    _Comparison(
+        "std_growth",
+        "Every run's largest std grew by the same factor ({low}).",
+        "Std growth was lowest for {ids} ({low}) and highest for {high_id} ({high}, in {high_module}).",
+    ),
+    _Comparison(
+        "dead_late",
+        "All runs ended with the same dead share ({low}).",
+        "Fewest dead activations late in training: {ids} (dead share {low}, against {high} for {high_id}).",
+    ),
 )
-_LOSS = _Comparison("valid_loss", "All runs{among} ended at the same final valid loss ({low}).",
-                    "Lowest final valid loss{among}: {ids} ({low}, against {high} for {high_id}).")
+_LOSS = _Comparison(
+    "valid_loss",
+    "All runs{among} ended at the same final valid loss ({low}).",
+    "Lowest final valid loss{among}: {ids} ({low}, against {high} for {high_id}).",
+)
 
 
 def _compare(rows: Sequence[Row], c: _Comparison, among: str = "") -> str | None:
@@ -113,8 +162,14 @@ def _compare(rows: Sequence[Row], c: _Comparison, among: str = "") -> str | None
     if len(ids) == len(rows):
         return c.same.format(among=among, low=fmt(value(low)))
     module = getattr(high.health, f"{c.measure}_module", None) or DASH
-    return c.differ.format(among=among, ids=join_words(ids), low=fmt(value(low)), high=fmt(value(high)),
-                           high_id=high.id, high_module=module)
+    return c.differ.format(
+        among=among,
+        ids=join_words(ids),
+        low=fmt(value(low)),
+        high=fmt(value(high)),
+        high_id=high.id,
+        high_module=module,
+    )
 
 
 def _loss_sentences(table: AxisTable) -> list[str]:
@@ -125,18 +180,25 @@ def _loss_sentences(table: AxisTable) -> list[str]:
     scales: dict[str, list[Row]] = {}
     for r in done:
         scales.setdefault(loss_scale(r.item.spec), []).append(r)
-    out = [s for scale, rows in scales.items()
-           if (s := _compare(rows, _LOSS, f" among the runs with {scale}" if len(scales) > 1 else ""))]
+    out = [
+        s
+        for scale, rows in scales.items()
+        if (s := _compare(rows, _LOSS, f" among the runs with {scale}" if len(scales) > 1 else ""))
+    ]
     if len(scales) > 1:
         main = max(scales, key=lambda k: len(scales[k]))
         others = [(scale, [r.id for r in rows]) for scale, rows in scales.items() if scale != main]
         parts = "; ".join(f"{join_words(ids)} ({scale})" for scale, ids in others)
         verb = "is" if len(others) == 1 and len(others[0][1]) == 1 else "are"
-        out.append(f"Losses are not compared across noise schedules or latent scales, which change the scale "
-                   f"of the loss: {parts} {verb} not compared with the runs with {main}.")
+        out.append(
+            f"Losses are not compared across noise schedules or latent scales, which change the scale "
+            f"of the loss: {parts} {verb} not compared with the runs with {main}."
+        )
     if left:
-        out.append(f"{join_words(left)} stopped early, so {'its' if len(left) == 1 else 'their'} losses are "
-                   "left out of the loss comparison.")
+        out.append(
+            f"{join_words(left)} stopped early, so {'its' if len(left) == 1 else 'their'} losses are "
+            "left out of the loss comparison."
+        )
     return out
 
 
@@ -154,15 +216,22 @@ def _failure_sentences(table: AxisTable) -> list[str]:
 
 
 def _gap_sentences(table: AxisTable) -> list[str]:
-    rows = [r for r in table.rows
-            if r.health.valid_gap is not None and r.health.valid_gap_batch_stats is not None]
-    return [f"With BatchNorm, {r.id}'s valid loss was {fmt(r.health.valid_gap)}× its train loss with running "
-            f"statistics and {fmt(r.health.valid_gap_batch_stats)}× with batch statistics." for r in rows]
+    rows = [
+        r for r in table.rows if r.health.valid_gap is not None and r.health.valid_gap_batch_stats is not None
+    ]
+    return [
+        f"With BatchNorm, {r.id}'s valid loss was {fmt(r.health.valid_gap)}× its train loss with running "
+        f"statistics and {fmt(r.health.valid_gap_batch_stats)}× with batch statistics."
+        for r in rows
+    ]
 
 
 def _verdict_sentence(table: AxisTable) -> str:
-    parts = [f"{level}: {join_words(ids)}" for level in LEVELS
-             if (ids := [r.id for r in table.rows if r.level == level])]
+    parts = [
+        f"{level}: {join_words(ids)}"
+        for level in LEVELS
+        if (ids := [r.id for r in table.rows if r.level == level])
+    ]
     return "Verdicts: " + "; ".join(parts) + "."
 
 
@@ -175,8 +244,10 @@ def axis_sentences(table: AxisTable) -> list[str]:
     out: list[str] = []
     profiles = sorted({r.item.spec.profile for r in table.rows})
     if len(profiles) > 1:
-        out.append(f"These runs come from different profiles ({join_words(profiles)}), so their numbers are "
-                   "not directly comparable.")
+        out.append(
+            f"These runs come from different profiles ({join_words(profiles)}), so their numbers are "
+            "not directly comparable."
+        )
     found = [_std_sentence(table), *(_compare(table.rows, c) for c in _COMPARISONS)]
     out += [s for s in found if s]
     out += _loss_sentences(table) + _gap_sentences(table) + _failure_sentences(table)
@@ -198,9 +269,12 @@ def _baseline_takeaway(by_id: dict[str, Assessed]) -> Takeaway | None:
     if not course or not ref or course.health.max_std is None or ref.health.max_std is None:
         return None
     where = f" in {ref.health.max_std_module}" if ref.health.max_std_module else ""
-    return Takeaway(f"The course UNet's largest activation std stayed at {fmt(course.health.max_std)} "
-                    f"({course.level}), while the Diffusers baseline reached "
-                    f"{fmt(ref.health.max_std)}{where} ({ref.level}).", (COURSE_ID, REFERENCE_ID))
+    return Takeaway(
+        f"The course UNet's largest activation std stayed at {fmt(course.health.max_std)} "
+        f"({course.level}), while the Diffusers baseline reached "
+        f"{fmt(ref.health.max_std)}{where} ({ref.level}).",
+        (COURSE_ID, REFERENCE_ID),
+    )
 
 
 def _fix_takeaway(items: list[Assessed], by_id: dict[str, Assessed]) -> Takeaway | None:
@@ -209,14 +283,20 @@ def _fix_takeaway(items: list[Assessed], by_id: dict[str, Assessed]) -> Takeaway
         return None
     variants = [i for i in items if i.spec.model.family == "diffusers" and i.id != REFERENCE_ID]
     if ref.level == "healthy":
-        return Takeaway(f"The Diffusers baseline was judged healthy at this scale (largest std "
-                        f"{fmt(ref.health.max_std)}), so its variants had nothing to fix here.", (REFERENCE_ID,))
+        return Takeaway(
+            f"The Diffusers baseline was judged healthy at this scale (largest std "
+            f"{fmt(ref.health.max_std)}), so its variants had nothing to fix here.",
+            (REFERENCE_ID,),
+        )
     fixed = [i.id for i in variants if LEVELS.index(i.level) < LEVELS.index(ref.level)]
     if not fixed:
-        return Takeaway(f"No Diffusers variant was judged healthier than the baseline ({ref.level}).",
-                        (REFERENCE_ID,))
-    return Takeaway(f"Judged healthier than the Diffusers baseline ({ref.level}): {join_words(fixed)}.",
-                    (REFERENCE_ID, *fixed))
+        return Takeaway(
+            f"No Diffusers variant was judged healthier than the baseline ({ref.level}).", (REFERENCE_ID,)
+        )
+    return Takeaway(
+        f"Judged healthier than the Diffusers baseline ({ref.level}): {join_words(fixed)}.",
+        (REFERENCE_ID, *fixed),
+    )
 
 
 def _batchnorm_takeaway(items: list[Assessed]) -> Takeaway | None:
@@ -224,28 +304,40 @@ def _batchnorm_takeaway(items: list[Assessed]) -> Takeaway | None:
     if not both:
         return None
     parts = [f"{i.id} {fmt(i.health.valid_gap)}× vs {fmt(i.health.valid_gap_batch_stats)}×" for i in both]
-    return Takeaway("BatchNorm, valid loss as a multiple of train loss with running statistics vs with batch "
-                    f"statistics: {'; '.join(parts)}.", tuple(i.id for i in both))
+    return Takeaway(
+        "BatchNorm, valid loss as a multiple of train loss with running statistics vs with batch "
+        f"statistics: {'; '.join(parts)}.",
+        tuple(i.id for i in both),
+    )
 
 
 def _misleading_loss_takeaway(items: list[Assessed]) -> Takeaway | None:
     """The pair, within one loss scale, where the lower valid loss came with the larger std ratio."""
-    done = [i for i in items if i.health.status == "completed" and i.health.valid_loss is not None
-            and i.health.max_std]
+    done = [
+        i
+        for i in items
+        if i.health.status == "completed" and i.health.valid_loss is not None and i.health.max_std
+    ]
     best: tuple[float, Assessed, Assessed] | None = None
     for a in done:
         for b in done:
-            if (loss_scale(a.spec) == loss_scale(b.spec) and a.health.valid_loss < b.health.valid_loss
-                    and a.health.max_std > b.health.max_std):
+            if (
+                loss_scale(a.spec) == loss_scale(b.spec)
+                and a.health.valid_loss < b.health.valid_loss
+                and a.health.max_std > b.health.max_std
+            ):
                 ratio = a.health.max_std / b.health.max_std
                 if best is None or ratio > best[0]:
                     best = (ratio, a, b)
     if best is None:
         return None
     _, a, b = best
-    return Takeaway(f"Loss alone misleads: {a.id} reached a lower valid loss than {b.id} "
-                    f"({fmt(a.health.valid_loss)} vs {fmt(b.health.valid_loss)}) while its largest std was "
-                    f"{fmt(a.health.max_std)} against {fmt(b.health.max_std)}.", (a.id, b.id))
+    return Takeaway(
+        f"Loss alone misleads: {a.id} reached a lower valid loss than {b.id} "
+        f"({fmt(a.health.valid_loss)} vs {fmt(b.health.valid_loss)}) while its largest std was "
+        f"{fmt(a.health.max_std)} against {fmt(b.health.max_std)}.",
+        (a.id, b.id),
+    )
 
 
 def _group_takeaways(items: list[Assessed]) -> list[Takeaway]:
@@ -255,9 +347,13 @@ def _group_takeaways(items: list[Assessed]) -> list[Takeaway]:
         if len(members) < 2:
             continue
         top = members[0]
-        out.append(Takeaway(f"Healthiest in {group}: {top.id} ({top.level}, largest std "
-                            f"{fmt(top.health.max_std)}, dead share late {fmt(top.health.dead_late)}).",
-                            (top.id,)))
+        out.append(
+            Takeaway(
+                f"Healthiest in {group}: {top.id} ({top.level}, largest std "
+                f"{fmt(top.health.max_std)}, dead share late {fmt(top.health.dead_late)}).",
+                (top.id,),
+            )
+        )
     return out
 
 
@@ -265,16 +361,23 @@ def _diverged_takeaway(items: list[Assessed]) -> Takeaway | None:
     div = [i for i in items if i.health.diverged]
     if not div:
         return None
-    parts = [i.id + (f" (step {fmt(i.health.diverged_at_step)})" if i.health.diverged_at_step else "")
-             for i in div]
+    parts = [
+        i.id + (f" (step {fmt(i.health.diverged_at_step)})" if i.health.diverged_at_step else "") for i in div
+    ]
     return Takeaway(f"Diverged: {join_words(parts)}.", tuple(i.id for i in div))
 
 
 def takeaways(items: list[Assessed]) -> list[Takeaway]:
     """Measured takeaways for the summary page, each with the ids of the runs it is about."""
     by_id = {i.id: i for i in items}
-    found = [_baseline_takeaway(by_id), _fix_takeaway(items, by_id), *_group_takeaways(items),
-             _batchnorm_takeaway(items), _misleading_loss_takeaway(items), _diverged_takeaway(items)]
+    found = [
+        _baseline_takeaway(by_id),
+        _fix_takeaway(items, by_id),
+        *_group_takeaways(items),
+        _batchnorm_takeaway(items),
+        _misleading_loss_takeaway(items),
+        _diverged_takeaway(items),
+    ]
     return [t for t in found if t is not None]
 
 
@@ -295,9 +398,13 @@ def scale_note(items: list[Assessed]) -> str:
         sizes = [i.spec.data.size for i in members]
         epochs = [i.spec.train.epochs for i in members]
         steps = [i.health.steps for i in members]
-        parts.append(f"{plural(len(members), 'run', count_word(len(members)))} of the {profile} profile on "
-                     f"{_span(sizes)} latents, {plural(max(epochs), 'epoch', _span(epochs))}, "
-                     f"{plural(max((s for s in steps if s), default=0), 'optimiser step', _span(steps))}, "
-                     f"batch size {_span([i.spec.train.batch_size for i in members])}")
-    return ("Measured on " + "; ".join(parts) + ". The statements hold at this scale; effects that need "
-            "longer training or more data may not show.")
+        parts.append(
+            f"{plural(len(members), 'run', count_word(len(members)))} of the {profile} profile on "
+            f"{_span(sizes)} latents, {plural(max(epochs), 'epoch', _span(epochs))}, "
+            f"{plural(max((s for s in steps if s), default=0), 'optimiser step', _span(steps))}, "
+            f"batch size {_span([i.spec.train.batch_size for i in members])}"
+        )
+    return (
+        "Measured on " + "; ".join(parts) + ". The statements hold at this scale; effects that need "
+        "longer training or more data may not show."
+    )

@@ -96,14 +96,31 @@ class Metrics(_Strict):
     @classmethod
     def failed(cls, spec: Spec, error: str, seconds: float = 0.0) -> Metrics:
         """The record of a run that failed before training wrote one (no torch import needed)."""
-        return cls(id=spec.id, title=spec.title, spec_hash=spec.content_hash(), profile=spec.profile,
-                   status="failed", diverged_at_step=None, error=error, params=0, steps_per_epoch=0,
-                   steps_completed=0, steps_total=0, batches=Batches(loss=[], lr=[], grad_norm=[]), epochs=[],
-                   final=Final(train_loss=None, valid_loss=None, valid_loss_batch_stats=None),
-                   timings=Timings(total_s=round(seconds, 3), step_s=None),
-                   environment=Environment(device=None, precision=spec.train.precision,
-                                           torch=_version("torch"), diffusers=_version("diffusers"),
-                                           python=platform.python_version(), runner=__version__))
+        return cls(
+            id=spec.id,
+            title=spec.title,
+            spec_hash=spec.content_hash(),
+            profile=spec.profile,
+            status="failed",
+            diverged_at_step=None,
+            error=error,
+            params=0,
+            steps_per_epoch=0,
+            steps_completed=0,
+            steps_total=0,
+            batches=Batches(loss=[], lr=[], grad_norm=[]),
+            epochs=[],
+            final=Final(train_loss=None, valid_loss=None, valid_loss_batch_stats=None),
+            timings=Timings(total_s=round(seconds, 3), step_s=None),
+            environment=Environment(
+                device=None,
+                precision=spec.train.precision,
+                torch=_version("torch"),
+                diffusers=_version("diffusers"),
+                python=platform.python_version(),
+                runner=__version__,
+            ),
+        )
 
     @property
     def status_text(self) -> str:
@@ -126,7 +143,9 @@ def parse_metrics(text: str, where: str) -> Metrics:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from None
     except ValidationError as e:
-        detail = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors()[:3])
+        detail = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors()[:3]
+        )
         raise ValueError(f"{where}: not the metrics contract ({detail})") from None
 
 
@@ -201,8 +220,13 @@ def load_run(folder: Path, expect_id: str | None = None) -> Run:
     except SpecError as e:
         return Run(run_id, folder, None, None, _damage=_relative(str(e), folder))
     if expect_id is not None and spec.id != expect_id:
-        return Run(run_id, folder, None, None, _damage=f"{folder.name}/{SPEC_FILE}: id {spec.id!r}, "
-                                                        f"expected the folder name {expect_id!r}")
+        return Run(
+            run_id,
+            folder,
+            None,
+            None,
+            _damage=f"{folder.name}/{SPEC_FILE}: id {spec.id!r}, expected the folder name {expect_id!r}",
+        )
     run_id = spec.id
     try:
         metrics = read_metrics(folder)
@@ -210,8 +234,13 @@ def load_run(folder: Path, expect_id: str | None = None) -> Run:
     except ValueError as e:  # the spec is still shown: it says what the run was meant to be
         return Run(run_id, folder, spec, None, _damage=_relative(str(e), folder))
     if metrics.id != spec.id:
-        return Run(run_id, folder, spec, None, _damage=f"{folder.name}/{METRICS_FILE}: id {metrics.id!r}, "
-                                                        f"expected {spec.id!r}")
+        return Run(
+            run_id,
+            folder,
+            spec,
+            None,
+            _damage=f"{folder.name}/{METRICS_FILE}: id {metrics.id!r}, expected {spec.id!r}",
+        )
     return Run(run_id, folder, spec, metrics)
 
 
@@ -227,8 +256,15 @@ def load_runs(results_dir: Path) -> list[Run]:
         if folder.name.startswith((".", "_")) or not folder.is_dir():
             continue
         if not SAFE_ID.match(folder.name):
-            runs.append(Run(_placeholder_id(folder.name), folder, None, None,
-                            _damage=f"folder name {folder.name!r} is not a safe id"))
+            runs.append(
+                Run(
+                    _placeholder_id(folder.name),
+                    folder,
+                    None,
+                    None,
+                    _damage=f"folder name {folder.name!r} is not a safe id",
+                )
+            )
             continue
         runs.append(load_run(folder, folder.name))
     return runs

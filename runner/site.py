@@ -137,8 +137,13 @@ def _check_docs_dir(docs_dir: Path, results_dir: Path) -> None:
             raise SiteError(f"docs folder {docs_dir} holds {marker}: looks like a project root, not docs/")
 
 
-def _render_all(w: _Writer, report: Report, files: list[views.SpecFile], suite: dict[str, Any] | None,
-                data_stats: dict[str, Any]) -> None:
+def _render_all(
+    w: _Writer,
+    report: Report,
+    files: list[views.SpecFile],
+    suite: dict[str, Any] | None,
+    data_stats: dict[str, Any],
+) -> None:
     entries = views.entries(report, files)
     rows = [views.row(e, report) for e in entries]
     for e in entries:
@@ -181,7 +186,9 @@ def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProce
     import yaml
 
     config = Path(config)
-    site_dir = config.parent / str((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("site_dir", "site"))
+    site_dir = config.parent / str(
+        (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("site_dir", "site")
+    )
     clean_staging(site_dir)
     stage = _new_stage(site_dir)
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "--site-dir", str(stage)]
@@ -204,7 +211,9 @@ def main(args: argparse.Namespace) -> int:
     suite_path = results / "suite.json"
     try:
         pages = render_site(
-            results, ROOT / "docs", comparison_chart,
+            results,
+            ROOT / "docs",
+            comparison_chart,
             spec_files=views.spec_files(ROOT / "experiments", ROOT),
             suite_record=read_json(suite_path) if suite_path.is_file() else None,
             data_stats=read_json(DATA_STATS) if DATA_STATS.is_file() else None,

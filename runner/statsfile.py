@@ -85,11 +85,16 @@ def save_stats(stats: Mapping[str, Any] | Stats, path: str | Path) -> Path:
     bucket arrays) to a compressed .npz atomically. Shapes are checked first: nothing malformed is
     written."""
     data = _as_mapping(stats)
-    arrays = {"mean": np.asarray(data["mean"], np.float32), "std": np.asarray(data["std"], np.float32),
-              "hist": np.asarray(data["hist"]), "names": np.array([str(n) for n in data["names"]], dtype=str)}
+    arrays = {
+        "mean": np.asarray(data["mean"], np.float32),
+        "std": np.asarray(data["std"], np.float32),
+        "hist": np.asarray(data["hist"]),
+        "names": np.array([str(n) for n in data["names"]], dtype=str),
+    }
     steps = data.get("steps")
-    arrays["steps"] = np.arange(arrays["mean"].shape[0], dtype=np.int64) if steps is None else np.asarray(
-        steps, np.int64)
+    arrays["steps"] = (
+        np.arange(arrays["mean"].shape[0], dtype=np.int64) if steps is None else np.asarray(steps, np.int64)
+    )
     present = [k for k in BUCKET_KEYS if data.get(k) is not None]
     if present:
         if len(present) != len(BUCKET_KEYS):
@@ -107,12 +112,22 @@ def save_stats(stats: Mapping[str, Any] | Stats, path: str | Path) -> Path:
 def _as_mapping(stats: Mapping[str, Any] | Stats) -> Mapping[str, Any]:
     if not isinstance(stats, Stats):
         return stats
-    out: dict[str, Any] = {"mean": stats.mean, "std": stats.std, "hist": stats.hist, "names": stats.names,
-                           "steps": stats.steps}
+    out: dict[str, Any] = {
+        "mean": stats.mean,
+        "std": stats.std,
+        "hist": stats.hist,
+        "names": stats.names,
+        "steps": stats.steps,
+    }
     if stats.buckets is not None:
         b = stats.buckets
-        out.update(bucket_edges=b.edges, bucket_mean=b.mean, bucket_std=b.std, bucket_dead=b.dead,
-                   bucket_count=b.count)
+        out.update(
+            bucket_edges=b.edges,
+            bucket_mean=b.mean,
+            bucket_std=b.std,
+            bucket_dead=b.dead,
+            bucket_count=b.count,
+        )
     return out
 
 
@@ -133,7 +148,9 @@ def _parse(a: Mapping[str, np.ndarray], where: str) -> Stats:
         raise StatsFileError(f"{where}: missing arrays {missing}")
     mean, std, hist, names = (np.asarray(a[k]) for k in ("mean", "std", "hist", "names"))
     if mean.ndim != 2 or std.shape != mean.shape:
-        raise StatsFileError(f"{where}: mean and std must both be [steps, modules]; got {mean.shape}, {std.shape}")
+        raise StatsFileError(
+            f"{where}: mean and std must both be [steps, modules]; got {mean.shape}, {std.shape}"
+        )
     s, m = mean.shape
     if hist.shape != (m, HIST_BINS, s):
         raise StatsFileError(f"{where}: hist has shape {hist.shape}; expected {(m, HIST_BINS, s)}")

@@ -65,7 +65,11 @@ def spec_files(experiments: Path, root: Path) -> list[SpecFile]:
             continue
         suites = specs["full"].suites
         profile = next((p for p in PROFILES if p in suites), "full")
-        rel = path.resolve().relative_to(root.resolve()).as_posix() if root in path.resolve().parents else str(path)
+        rel = (
+            path.resolve().relative_to(root.resolve()).as_posix()
+            if root in path.resolve().parents
+            else str(path)
+        )
         out.append(SpecFile(rel, specs[profile], {p: s.content_hash() for p, s in specs.items()}))
     return out
 
@@ -122,7 +126,8 @@ def row(e: Entry, report: Report) -> dict[str, Any]:
         "channels": ",".join(map(str, m.block_out_channels)) if m else DASH,
         "blocks": (m.blocks if m.family == "diffusers" else f"attn\u2265{m.attention_start}") if m else DASH,
         "norms": (f"{m.resnet_norm} / {m.attention_norm}" if m.family == "diffusers" else "course (batch)")
-        if m else DASH,
+        if m
+        else DASH,
         "init": m.init if m else DASH,
         "lr": spec.train.lr if spec else None,
         "batch": spec.train.batch_size if spec else None,
@@ -218,27 +223,49 @@ def experiment_page(e: Entry, report: Report, notebook: tuple[bool, list[str]] |
     ordered = [k for k in CHART_KINDS if k in charts] + sorted(set(charts) - set(CHART_KINDS))
     env = m.environment
     return {
-        "id": run.id, "title": e.title, "damaged": False,
+        "id": run.id,
+        "title": e.title,
+        "damaged": False,
         "notes": [p for p in re.split(r"\n\s*\n", text_spec.notes.strip()) if p],
-        "group": text_spec.group, "axis": run.spec.axis, "axis_anchor": _anchor(report, run.spec),
-        "status": m.status, "status_text": m.status_text, "diverged_at": m.diverged_at_step, "error": m.error,
-        "stale": e.stale, "run_hash": m.spec_hash, "spec_hash": e.spec_file.hashes.get(run.spec.profile)
-        if e.spec_file else m.spec_hash,
-        "seed_name": _seed_name(run.spec), "verdict": item.level, "reasons": list(item.verdict.reasons),
-        "max_std_module": item.health.max_std_module, "model_notes": model_notes(run.spec),
+        "group": text_spec.group,
+        "axis": run.spec.axis,
+        "axis_anchor": _anchor(report, run.spec),
+        "status": m.status,
+        "status_text": m.status_text,
+        "diverged_at": m.diverged_at_step,
+        "error": m.error,
+        "stale": e.stale,
+        "run_hash": m.spec_hash,
+        "spec_hash": e.spec_file.hashes.get(run.spec.profile) if e.spec_file else m.spec_hash,
+        "seed_name": _seed_name(run.spec),
+        "verdict": item.level,
+        "reasons": list(item.verdict.reasons),
+        "max_std_module": item.health.max_std_module,
+        "model_notes": model_notes(run.spec),
         "spec_rows": _spec_rows(run.spec),
         "metrics": {
-            "train_loss": m.final.train_loss, "valid_loss": m.final.valid_loss,
-            "valid_loss_batch_stats": m.final.valid_loss_batch_stats, "steps_completed": m.steps_completed,
-            "steps_total": m.steps_total, "steps_per_epoch": m.steps_per_epoch, "params": m.params,
-            "total_s": m.timings.total_s, "step_s": m.timings.step_s, "device": env.device,
-            "precision": env.precision, "profile": m.profile, "max_std": item.health.max_std,
-            "versions": ", ".join(f"{k} {v}" for k in ("python", "torch", "diffusers")
-                                  if (v := getattr(env, k)) is not None),
+            "train_loss": m.final.train_loss,
+            "valid_loss": m.final.valid_loss,
+            "valid_loss_batch_stats": m.final.valid_loss_batch_stats,
+            "steps_completed": m.steps_completed,
+            "steps_total": m.steps_total,
+            "steps_per_epoch": m.steps_per_epoch,
+            "params": m.params,
+            "total_s": m.timings.total_s,
+            "step_s": m.timings.step_s,
+            "device": env.device,
+            "precision": env.precision,
+            "profile": m.profile,
+            "max_std": item.health.max_std,
+            "versions": ", ".join(
+                f"{k} {v}" for k in ("python", "torch", "diffusers") if (v := getattr(env, k)) is not None
+            ),
         },
         "epochs": [e.model_dump() for e in m.epochs],
-        "charts": [{"file": f"{k}.png", "kind": k, "title": TITLES.get(k, k), "caption": CAPTIONS.get(k, "")}
-                   for k in ordered],
+        "charts": [
+            {"file": f"{k}.png", "kind": k, "title": TITLES.get(k, k), "caption": CAPTIONS.get(k, "")}
+            for k in ordered
+        ],
         "notebook": None if notebook is None else {"readable": notebook[0], "errors": notebook[1]},
     }
 
@@ -256,21 +283,42 @@ def _example(item: Assessed | None, charts: dict[str, str] | None = None) -> dic
     if item is None:
         return None
     h = item.health
-    return {"id": item.id, "title": item.spec.title or item.id, "level": item.level,
-            "reasons": list(item.verdict.reasons), "max_std": fmt(h.max_std),
-            "max_std_module": h.max_std_module or DASH, "std_growth": fmt(h.std_growth),
-            "dead_early": fmt(h.dead_early), "dead_late": fmt(h.dead_late), "charts": dict(charts or {})}
+    return {
+        "id": item.id,
+        "title": item.spec.title or item.id,
+        "level": item.level,
+        "reasons": list(item.verdict.reasons),
+        "max_std": fmt(h.max_std),
+        "max_std_module": h.max_std_module or DASH,
+        "std_growth": fmt(h.std_growth),
+        "dead_early": fmt(h.dead_early),
+        "dead_late": fmt(h.dead_late),
+        "charts": dict(charts or {}),
+    }
 
 
 def home(report: Report, rows: list[dict[str, Any]]) -> dict[str, Any]:
     best, worst = report.examples(EXAMPLE_KINDS)
-    ready = [i for i in report.assessed.values()
-             if i.health.has_stats and all(k in i.run.charts for k in EXAMPLE_KINDS)]
-    examples = None if best is None or worst is None else {
-        "kinds": EXAMPLE_KINDS, "good": _example(best), "bad": _example(worst)}
-    return {"examples": examples, "examples_ready": len(ready), "verdicts": report.verdict_counts(),
-            "captions": CAPTIONS, "titles": TITLES, "counts": counts(rows), "kinds": CHART_KINDS,
-            "damaged": [{"id": r.id, "damage": r.damage} for r in report.damaged]}
+    ready = [
+        i
+        for i in report.assessed.values()
+        if i.health.has_stats and all(k in i.run.charts for k in EXAMPLE_KINDS)
+    ]
+    examples = (
+        None
+        if best is None or worst is None
+        else {"kinds": EXAMPLE_KINDS, "good": _example(best), "bad": _example(worst)}
+    )
+    return {
+        "examples": examples,
+        "examples_ready": len(ready),
+        "verdicts": report.verdict_counts(),
+        "captions": CAPTIONS,
+        "titles": TITLES,
+        "counts": counts(rows),
+        "kinds": CHART_KINDS,
+        "damaged": [{"id": r.id, "damage": r.damage} for r in report.damaged],
+    }
 
 
 def _groups(report: Report) -> list[tuple[str, list[Assessed]]]:
@@ -291,13 +339,33 @@ def comparisons(report: Report, charts: Charts) -> list[tuple[str, str, dict[str
         for name, members in groups:
             rel = f"comparisons/{kind}/{names[name]}.png"
             error = charts([i.run for i in members], kind, rel)
-            sections.append({"name": name, "ids": [i.id for i in members], "error": error,
-                             "image": None if error else f"{kind}/{names[name]}.png"})
-        pages.append((f"comparisons/{kind}.md", "comparison.md.j2",
-                      {"kind": kind, "title": TITLES[kind], "caption": CAPTIONS[kind], "sections": sections}))
-    pages.append(("comparisons/index.md", "comparisons.md.j2",
-                  {"kinds": CHART_KINDS, "titles": TITLES, "captions": CAPTIONS,
-                   "groups": [(name, [i.id for i in members]) for name, members in groups]}))
+            sections.append(
+                {
+                    "name": name,
+                    "ids": [i.id for i in members],
+                    "error": error,
+                    "image": None if error else f"{kind}/{names[name]}.png",
+                }
+            )
+        pages.append(
+            (
+                f"comparisons/{kind}.md",
+                "comparison.md.j2",
+                {"kind": kind, "title": TITLES[kind], "caption": CAPTIONS[kind], "sections": sections},
+            )
+        )
+    pages.append(
+        (
+            "comparisons/index.md",
+            "comparisons.md.j2",
+            {
+                "kinds": CHART_KINDS,
+                "titles": TITLES,
+                "captions": CAPTIONS,
+                "groups": [(name, [i.id for i in members]) for name, members in groups],
+            },
+        )
+    )
     return pages
 
 
@@ -305,8 +373,14 @@ def comparisons(report: Report, charts: Charts) -> list[tuple[str, str, dict[str
 
 
 def _row_view(row: ins.Row) -> dict[str, Any]:
-    return {"id": row.id, "title": row.item.spec.title or row.id, "role": row.role, "level": row.level,
-            "reasons": list(row.item.verdict.reasons), "cells": list(zip(row.cells, row.sort_keys, strict=True))}
+    return {
+        "id": row.id,
+        "title": row.item.spec.title or row.id,
+        "role": row.role,
+        "level": row.level,
+        "reasons": list(row.item.verdict.reasons),
+        "cells": list(zip(row.cells, row.sort_keys, strict=True)),
+    }
 
 
 def _axis_charts(table: AxisTable, stem: str, charts: Charts) -> list[dict[str, str]]:
@@ -323,13 +397,20 @@ def axis_page(report: Report, group: str, charts: Charts) -> dict[str, Any]:
     tables = [t for t in report.tables if t.group == group]
     scope = [r.id for t in tables for r in t.rows]
     return {
-        "title": PAGE_TITLES.get(group, f"{group.capitalize()} insights"), "group": group,
+        "title": PAGE_TITLES.get(group, f"{group.capitalize()} insights"),
+        "group": group,
         "scale_note": report.scale_note_for(scope),
-        "axes": [{"name": t.axis, "slug": report.axis_slugs[(group, t.axis)],
-                  "sentences": list(report.sentences[(group, t.axis)]), "columns": list(t.columns),
-                  "rows": [_row_view(r) for r in t.rows],
-                  "charts": _axis_charts(t, f"{group}-{report.axis_slugs[(group, t.axis)]}", charts)}
-                 for t in tables],
+        "axes": [
+            {
+                "name": t.axis,
+                "slug": report.axis_slugs[(group, t.axis)],
+                "sentences": list(report.sentences[(group, t.axis)]),
+                "columns": list(t.columns),
+                "rows": [_row_view(r) for r in t.rows],
+                "charts": _axis_charts(t, f"{group}-{report.axis_slugs[(group, t.axis)]}", charts),
+            }
+            for t in tables
+        ],
     }
 
 
@@ -339,36 +420,77 @@ def reading(report: Report) -> dict[str, Any]:
     def links(item: Assessed | None) -> dict[str, str]:
         return {k: f"../experiments/{item.id}/{k}.png" for k in item.run.charts} if item else {}
 
-    return {"title": READING_TITLE, "healthiest": _example(best, links(best)),
-            "least_healthy": _example(worst, links(worst)), "captions": CAPTIONS,
-            "dead_below": fmt(BIN_WIDTH)}
+    return {
+        "title": READING_TITLE,
+        "healthiest": _example(best, links(best)),
+        "least_healthy": _example(worst, links(worst)),
+        "captions": CAPTIONS,
+        "dead_below": fmt(BIN_WIDTH),
+    }
 
 
 def summary(report: Report) -> dict[str, Any]:
-    rows = [{"rank": n, "id": i.id, "title": i.spec.title or i.id, "group": i.spec.group, "axis": i.spec.axis,
-             "axis_anchor": _anchor(report, i.spec), "level": i.level, "reasons": list(i.verdict.reasons),
-             "score": fmt(i.score), "max_std": fmt(i.health.max_std), "dead_late": fmt(i.health.dead_late)}
-            for n, i in enumerate(report.ranked, start=1)]
-    return {"title": SUMMARY_TITLE, "scale_note": report.scale_note, "ranking": rows,
-            "score_text": prose.SCORE_TEXT, "counts": report.verdict_counts(),
-            "takeaways": [{"text": t.text, "ids": list(t.ids)} for t in report.takeaways]}
+    rows = [
+        {
+            "rank": n,
+            "id": i.id,
+            "title": i.spec.title or i.id,
+            "group": i.spec.group,
+            "axis": i.spec.axis,
+            "axis_anchor": _anchor(report, i.spec),
+            "level": i.level,
+            "reasons": list(i.verdict.reasons),
+            "score": fmt(i.score),
+            "max_std": fmt(i.health.max_std),
+            "dead_late": fmt(i.health.dead_late),
+        }
+        for n, i in enumerate(report.ranked, start=1)
+    ]
+    return {
+        "title": SUMMARY_TITLE,
+        "scale_note": report.scale_note,
+        "ranking": rows,
+        "score_text": prose.SCORE_TEXT,
+        "counts": report.verdict_counts(),
+        "takeaways": [{"text": t.text, "ids": list(t.ids)} for t in report.takeaways],
+    }
 
 
 def insights_index(report: Report) -> dict[str, Any]:
-    pages = [{"file": "summary.md", "title": SUMMARY_TITLE,
-              "text": "every run ranked by health, with the measured takeaways and links to the evidence."}]
+    pages = [
+        {
+            "file": "summary.md",
+            "title": SUMMARY_TITLE,
+            "text": "every run ranked by health, with the measured takeaways and links to the evidence.",
+        }
+    ]
     for group, title in PAGE_TITLES.items():
         mine = [t for t in report.tables if t.group == group]
         n = len({r.id for t in mine for r in t.rows})
-        what = (f"{fmt(n)} run{'s' if n != 1 else ''} on {fmt(len(mine))} ax{'es' if len(mine) != 1 else 'is'}"
-                if n else "no runs yet")
-        pages.append({"file": f"{group}.md", "title": title, "text": f"the {group} group's variants: {what}."})
-    pages.append({"file": "reading.md", "title": READING_TITLE,
-                  "text": "the activation charts explained with the healthiest and least healthy runs."})
+        what = (
+            f"{fmt(n)} run{'s' if n != 1 else ''} on {fmt(len(mine))} ax{'es' if len(mine) != 1 else 'is'}"
+            if n
+            else "no runs yet"
+        )
+        pages.append(
+            {"file": f"{group}.md", "title": title, "text": f"the {group} group's variants: {what}."}
+        )
+    pages.append(
+        {
+            "file": "reading.md",
+            "title": READING_TITLE,
+            "text": "the activation charts explained with the healthiest and least healthy runs.",
+        }
+    )
     verdicts = report.verdict_counts()
     elsewhere = sorted({i.spec.group for i in report.assessed.values()} - set(PAGE_TITLES))
-    return {"pages": pages, "counts": verdicts, "total": verdicts["total"], "elsewhere": elsewhere,
-            "page_groups": list(PAGE_TITLES)}
+    return {
+        "pages": pages,
+        "counts": verdicts,
+        "total": verdicts["total"],
+        "elsewhere": elsewhere,
+        "page_groups": list(PAGE_TITLES),
+    }
 
 
 # ---------------------------------------------------------------- method
@@ -385,20 +507,45 @@ def _suites(suite_record: dict[str, Any] | None) -> list[dict[str, Any]]:
 def method(report: Report, data_stats: dict[str, Any], suite_record: dict[str, Any] | None) -> dict[str, Any]:
     """Variables of method.md.j2: profiles, the suite as run, data figures from the data's stats.json,
     timings from the runs' metrics, histogram constants and the health measures."""
-    timed = [i for i in report.assessed.values() if i.run.metrics and i.run.metrics.timings.step_s is not None]
+    timed = [
+        i for i in report.assessed.values() if i.run.metrics and i.run.metrics.timings.step_s is not None
+    ]
     split = data_stats.get("split") or {}
     return {
-        "profiles": [{"name": k, "size": (v.get("data") or {}).get("size"), "epochs": (v.get("train") or {}).get(
-            "epochs")} for k, v in PROFILES.items()],
+        "profiles": [
+            {
+                "name": k,
+                "size": (v.get("data") or {}).get("size"),
+                "epochs": (v.get("train") or {}).get("epochs"),
+            }
+            for k, v in PROFILES.items()
+        ],
         "used_profiles": sorted({i.spec.profile for i in report.assessed.values()}),
         "suites": _suites(suite_record),
-        "timings": [{"id": i.id, "profile": i.spec.profile, "steps": i.run.metrics.steps_completed,
-                     "total_s": i.run.metrics.timings.total_s, "step_s": i.run.metrics.timings.step_s,
-                     "device": i.run.metrics.environment.device or DASH} for i in timed],
-        "data": {"train": split.get("train"), "valid": split.get("valid"), "std": data_stats.get("std"),
-                 "shape": data_stats.get("shape")},
-        "bins": HIST_BINS, "range": HIST_RANGE, "bin_width": BIN_WIDTH,
-        "train": TrainSpec(), "noise": NoiseSpec(),
-        "measures": list(prose.MEASURES.items()), "thresholds": prose.threshold_texts(),
-        "score_text": prose.SCORE_TEXT, "window_share": f"{ins.WINDOW_SHARE:.0%}",
+        "timings": [
+            {
+                "id": i.id,
+                "profile": i.spec.profile,
+                "steps": i.run.metrics.steps_completed,
+                "total_s": i.run.metrics.timings.total_s,
+                "step_s": i.run.metrics.timings.step_s,
+                "device": i.run.metrics.environment.device or DASH,
+            }
+            for i in timed
+        ],
+        "data": {
+            "train": split.get("train"),
+            "valid": split.get("valid"),
+            "std": data_stats.get("std"),
+            "shape": data_stats.get("shape"),
+        },
+        "bins": HIST_BINS,
+        "range": HIST_RANGE,
+        "bin_width": BIN_WIDTH,
+        "train": TrainSpec(),
+        "noise": NoiseSpec(),
+        "measures": list(prose.MEASURES.items()),
+        "thresholds": prose.threshold_texts(),
+        "score_text": prose.SCORE_TEXT,
+        "window_share": f"{ins.WINDOW_SHARE:.0%}",
     }

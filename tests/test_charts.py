@@ -20,22 +20,49 @@ STEPS = 60
 SPE = 30  # steps per epoch: 2 epochs
 
 
-def _metrics(status: str = "completed", losses: list[float | None] | None = None,
-             diverged_at: int | None = None, batch_stats: bool = False) -> dict:
+def _metrics(
+    status: str = "completed",
+    losses: list[float | None] | None = None,
+    diverged_at: int | None = None,
+    batch_stats: bool = False,
+) -> dict:
     if losses is None:
         losses = list(1.0 / (1 + 0.05 * np.arange(STEPS)) + 0.02 * np.sin(np.arange(STEPS)))
-    epochs = [{"epoch": e, "step": e * SPE, "train_loss": 0.5, "valid_loss": 0.6 / e,
-               "valid_loss_batch_stats": 0.9 / e if batch_stats else None}
-              for e in (1, 2) if e * SPE <= len(losses)]
-    return {"title": "x", "spec_hash": "h", "profile": "smoke", "status": status,
-            "diverged_at_step": diverged_at, "error": "boom" if status == "failed" else None,
-            "params": 10, "steps_per_epoch": SPE, "steps_completed": len(losses), "steps_total": STEPS,
-            "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
-            "epochs": epochs,
-            "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},
-            "timings": {"total_s": 1.0, "step_s": 0.01},
-            "environment": {"device": "cpu", "precision": "fp32", "torch": "t", "diffusers": "d", "python": "3",
-                            "runner": "r"}}
+    epochs = [
+        {
+            "epoch": e,
+            "step": e * SPE,
+            "train_loss": 0.5,
+            "valid_loss": 0.6 / e,
+            "valid_loss_batch_stats": 0.9 / e if batch_stats else None,
+        }
+        for e in (1, 2)
+        if e * SPE <= len(losses)
+    ]
+    return {
+        "title": "x",
+        "spec_hash": "h",
+        "profile": "smoke",
+        "status": status,
+        "diverged_at_step": diverged_at,
+        "error": "boom" if status == "failed" else None,
+        "params": 10,
+        "steps_per_epoch": SPE,
+        "steps_completed": len(losses),
+        "steps_total": STEPS,
+        "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
+        "epochs": epochs,
+        "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},
+        "timings": {"total_s": 1.0, "step_s": 0.01},
+        "environment": {
+            "device": "cpu",
+            "precision": "fp32",
+            "torch": "t",
+            "diffusers": "d",
+            "python": "3",
+            "runner": "r",
+        },
+    }
 
 
 def _stats(path: Path, steps: int = STEPS, names: list[str] = NAMES, grow: bool = False) -> None:
@@ -43,16 +70,31 @@ def _stats(path: Path, steps: int = STEPS, names: list[str] = NAMES, grow: bool 
     m = len(names)
     # grow=True: stds rise exponentially into the hundreds, like a diverging run.
     std = np.exp(np.linspace(0, 6, steps))[:, None] * np.ones(m) if grow else 1 + 0.1 * rng.random((steps, m))
-    hist = np.stack([np.stack([np.histogram(np.abs(rng.normal(0, std[s, j], 300)), bins=40, range=(0, 10))[0]
-                               for s in range(steps)], axis=1) for j in range(m)]) if steps else \
-        np.zeros((m, 40, 0))
+    hist = (
+        np.stack(
+            [
+                np.stack(
+                    [
+                        np.histogram(np.abs(rng.normal(0, std[s, j], 300)), bins=40, range=(0, 10))[0]
+                        for s in range(steps)
+                    ],
+                    axis=1,
+                )
+                for j in range(m)
+            ]
+        )
+        if steps
+        else np.zeros((m, 40, 0))
+    )
     mean = 0.1 * rng.standard_normal((steps, m))
     if grow:  # a diverging run ends with non-finite activations
         mean[-3:, 1] = std[-3:, 1] = np.nan
     np.savez_compressed(path, mean=mean, std=std, hist=hist, names=np.array(names))
 
 
-def _run(tmp_path: Path, name: str, metrics: dict | None, stats: dict | None = None, run_id: str = "") -> Path:
+def _run(
+    tmp_path: Path, name: str, metrics: dict | None, stats: dict | None = None, run_id: str = ""
+) -> Path:
     d = tmp_path / name
     d.mkdir()
     run_id = run_id or name
@@ -151,21 +193,25 @@ def test_inconsistent_stats_damage_the_run_and_give_no_charts(tmp_path: Path) ->
     assert run_charts(d) == {}
 
 
-@pytest.mark.parametrize(("name", "short"), [
-    ("unet.down_blocks.0.resnets.1", "down0.res1"),
-    ("unet.up_blocks.2.attentions.0", "up2.attn0"),
-    ("unet.mid_block.resnets.0", "mid.res0"),
-    ("down_blocks.3.downsamplers.0", "down3.dsamp0"),
-    ("downs.1.resnets.0", "down1.res0"),
-    ("conv_in", "conv_in"),
-])
+@pytest.mark.parametrize(
+    ("name", "short"),
+    [
+        ("unet.down_blocks.0.resnets.1", "down0.res1"),
+        ("unet.up_blocks.2.attentions.0", "up2.attn0"),
+        ("unet.mid_block.resnets.0", "mid.res0"),
+        ("down_blocks.3.downsamplers.0", "down3.dsamp0"),
+        ("downs.1.resnets.0", "down1.res0"),
+        ("conv_in", "conv_in"),
+    ],
+)
 def test_short_name(name: str, short: str) -> None:
     assert short_name(name) == short
 
 
 @pytest.mark.parametrize("kind", CHART_KINDS)
-def test_comparison_with_missing_stats_run(tmp_path: Path, ok_run: Path, diverged_run: Path, failed_run: Path,
-                                           kind: str) -> None:
+def test_comparison_with_missing_stats_run(
+    tmp_path: Path, ok_run: Path, diverged_run: Path, failed_run: Path, kind: str
+) -> None:
     # A fourth run with a different module set: hist/dead columns use each run's own modules.
     other = _run(tmp_path, "two-modules", _metrics(), {"names": ["conv_in", "unet.mid_block.attentions.0"]})
     runs = [load_run(d) for d in (ok_run, diverged_run, failed_run, other)]
@@ -174,8 +220,9 @@ def test_comparison_with_missing_stats_run(tmp_path: Path, ok_run: Path, diverge
     _assert_png(out)
 
 
-def test_comparison_annotates_missing_run_and_shares_axes(ok_run: Path, diverged_run: Path,
-                                                          failed_run: Path) -> None:
+def test_comparison_annotates_missing_run_and_shares_axes(
+    ok_run: Path, diverged_run: Path, failed_run: Path
+) -> None:
     runs = [_load(d) for d in (ok_run, diverged_run, failed_run)]
     fig = charts._stats_chart(runs)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
@@ -226,7 +273,8 @@ def test_comparison_of_many_modules_wraps_with_shared_axes_and_labels(tmp_path: 
     assert len({ax.get_xlim() for ax in drawn}) == 1 and len({ax.get_ylim() for ax in drawn}) == 1
     ylabels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
     assert any(label.startswith("run-a\n") for label in ylabels) and any(
-        label.startswith("run-b\n") for label in ylabels)
+        label.startswith("run-b\n") for label in ylabels
+    )
     # Each run's block starts a new row: run-b's first module is in the first column.
     b_first = drawn[len(names)]
     assert b_first.get_subplotspec().colspan.start == 0 and b_first.get_title() == short_name(names[0])

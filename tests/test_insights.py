@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from markupsafe import Markup, escape
+from markupsafe import escape
 
 from runner import insights as ins
 from runner import prose, views
 from runner.report import Report
 from runner.results import Metrics, Run, load_runs, write_metrics
-from runner.spec import build_spec
+from runner.spec import Spec, build_spec
 from runner.statsfile import Stats, save_stats
 from runner.text import DASH, fmt, slugs
 from runner.text import slug as make_slug

@@ -10,16 +10,25 @@ from runner.statsfile import BIN_WIDTH, HIST_BINS, HIST_RANGE, StatsFileError, l
 
 def _arrays(steps: int = 3, modules: int = 2) -> dict:
     rng = np.random.default_rng(0)
-    return {"mean": rng.normal(size=(steps, modules)), "std": rng.random((steps, modules)),
-            "hist": rng.integers(0, 5, (modules, HIST_BINS, steps)), "names": [f"m{i}" for i in range(modules)]}
+    return {
+        "mean": rng.normal(size=(steps, modules)),
+        "std": rng.random((steps, modules)),
+        "hist": rng.integers(0, 5, (modules, HIST_BINS, steps)),
+        "names": [f"m{i}" for i in range(modules)],
+    }
 
 
 def test_round_trip_with_steps_and_buckets(tmp_path) -> None:
     data = _arrays()
     k = 4
-    data.update(steps=[0, 2, 4], bucket_edges=np.linspace(0, 1, k + 1), bucket_mean=np.zeros((3, 2, k)),
-                bucket_std=np.full((3, 2, k), np.nan), bucket_dead=np.ones((3, 2, k)),
-                bucket_count=np.ones((3, k), np.int64))
+    data.update(
+        steps=[0, 2, 4],
+        bucket_edges=np.linspace(0, 1, k + 1),
+        bucket_mean=np.zeros((3, 2, k)),
+        bucket_std=np.full((3, 2, k), np.nan),
+        bucket_dead=np.ones((3, 2, k)),
+        bucket_count=np.ones((3, k), np.int64),
+    )
     got = load_stats(save_stats(data, tmp_path / "stats.npz"))
     assert got.steps.tolist() == [0, 2, 4] and got.names == ("m0", "m1")
     assert got.buckets is not None and got.buckets.mean.shape == (3, 2, k) and np.isnan(got.buckets.std).all()
