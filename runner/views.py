@@ -67,7 +67,7 @@ def spec_files(experiments: Path, root: Path) -> list[SpecFile]:
         profile = next((p for p in PROFILES if p in suites), "full")
         rel = (
             path.resolve().relative_to(root.resolve()).as_posix()
-            if root in path.resolve().parents
+            if root.resolve() in path.resolve().parents
             else str(path)
         )
         out.append(SpecFile(rel, specs[profile], {p: s.content_hash() for p, s in specs.items()}))
@@ -317,7 +317,6 @@ def home(report: Report, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "titles": TITLES,
         "counts": counts(rows),
         "kinds": CHART_KINDS,
-        "damaged": [{"id": r.id, "damage": r.damage} for r in report.damaged],
     }
 
 
