@@ -2,7 +2,8 @@
 
 Every chart kind is built by one function that takes a list of runs, so a single run's chart and the
 side-by-side comparison of several runs share the same panel drawers and layout code: a single-run chart
-is just the one-run case (with module small multiples wrapped into a grid instead of one row per run).
+is just the one-run case. Module small multiples wrap at WRAP panels a row, one block of rows per run.
+Runs are `runner.results.Run`s: this module never parses a run file itself.
 
 Figures are made with ``matplotlib.figure.Figure`` and an explicit Agg canvas, never with pyplot, so
 nothing leaks into pyplot's global figure list or changes the backend of a notebook that imports us.
@@ -10,12 +11,9 @@ nothing leaks into pyplot's global figure list or changes the backend of a noteb
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import zipfile
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,8 +29,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from runner.files import write_atomic
+from runner.results import Metrics, Run, load_run
+from runner.statsfile import BIN_WIDTH, HIST_RANGE, Stats
+from runner.text import fmt
 
 CHART_KINDS = ("loss", "stats", "hist", "dead")
+TITLES = {"loss": "Loss", "stats": "Activation mean and std", "hist": "Activation histograms",
+          "dead": "Dead activations"}
 
 CAPTIONS = {
     "loss": "Training loss per optimiser step (light: every batch, dark: smoothed) with validation loss "
@@ -42,14 +45,14 @@ CAPTIONS = {
     "hist": "The 'colorful dimension': for each module, a histogram of |activation| per step (time left to "
     "right, small values at the bottom, brighter = more activations); a bright band stuck at the bottom "
     "means most activations are near zero.",
-    "dead": "Share of each module's activations in the lowest histogram bin (|a| < 0.25, nearly zero) at "
-    "every step; values creeping towards 1 mean the layer is dying or collapsing.",
+    "dead": f"Share of each module's activations in the lowest histogram bin (|a| < {fmt(BIN_WIDTH)}, nearly "
+    "zero) at every step; a share creeping towards one would mean the layer is dying or collapsing.",
 }
 
 DPI = 120
 WIDTH = 11.0  # inches: fills a laptop screen at DPI without being scaled down by the browser
-MAX_WIDTH = 30.0  # comparison grids with many module columns get wider, but not unboundedly
-WRAP = 6  # module small multiples per row in a single-run chart
+MAX_WIDTH = 30.0  # a cap on figure width (grids wrap at WRAP panels, so this is rarely reached)
+WRAP = 6  # module small multiples per row: legible at the site's content width
 LOG_DECADES = 2.0  # switch to a log axis when the data spans more than this many decades
 DIVERGED_COLOR = "#d62728"
 
@@ -90,29 +93,37 @@ def short_name(name: str) -> str:
 
 @dataclass
 class _Run:
-    label: str
-    metrics: dict[str, Any] | None
-    stats: dict[str, Any] | None
+    """What a chart needs of a run: its label and, when readable, its metrics and statistics."""
 
-    @property
-    def status(self) -> str:
-        return str((self.metrics or {}).get("status") or "missing")
+    label: str
+    metrics: Metrics | None
+    stats: Stats | None
+    status: str
+
+    @classmethod
+    def of(cls, run: Run) -> _Run:
+        """Nothing of a damaged run is drawn: it is shown as an empty panel saying it is damaged."""
+        if run.damaged:
+            return cls(run.id, None, None, "damaged")
+        return cls(run.id, run.metrics, run.stats, run.status)
 
     @property
     def diverged_at(self) -> int | None:
-        step = (self.metrics or {}).get("diverged_at_step")
-        return int(step) if isinstance(step, (int, float)) and math.isfinite(step) else None
+        return self.metrics.diverged_at_step if self.metrics else None
 
     @property
     def names(self) -> list[str]:
-        return list(self.stats["names"]) if self.stats else []
+        return list(self.stats.names) if self.stats else []
 
     @cached_property
     def dead(self) -> np.ndarray:
         """Dead share [modules, steps] (only meaningful when stats are present)."""
-        from runner.stats import dead_share
+        return self.stats.dead if self.stats else np.zeros((0, 0))
 
-        return np.asarray(dead_share(self.stats["hist"]), dtype=float) if self.stats else np.zeros((0, 0))
+    @property
+    def x(self) -> np.ndarray:
+        """Optimiser step (1-based, as in metrics.json) of each recorded statistics row."""
+        return self.stats.steps + 1 if self.stats else np.zeros(0)
 
     def has(self, kind: str) -> bool:
         """Whether this run has anything to draw for a chart kind."""
@@ -120,49 +131,7 @@ class _Run:
             if self.metrics is None:
                 return False
             return _finite(_losses(self.metrics)).size > 0 or bool(_valid(self.metrics)[0])
-        return self.stats is not None and self.stats["mean"].shape[0] > 0 and len(self.names) > 0
-
-
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_stats(path: Path) -> dict[str, Any] | None:
-    """Load stats.npz via runner.stats when it is available; a missing or broken file gives None."""
-    if not path.is_file():
-        return None
-    from runner.stats import load_stats  # lazily: runner.stats imports torch, a few seconds
-
-    try:
-        raw = load_stats(path)
-        stats = {k: np.asarray(raw[k], dtype=float) for k in ("mean", "std", "hist")}
-        stats["names"] = [str(n) for n in raw["names"]]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):  # broken file
-        return None
-    return stats if _consistent(stats) else None
-
-
-def _consistent(stats: dict[str, Any]) -> bool:
-    """Shapes agree: mean/std [steps, M], hist [M, bins, steps], M names (a truncated file would not)."""
-    mean, std, hist = stats["mean"], stats["std"], stats["hist"]
-    return (mean.ndim == 2 and std.shape == mean.shape and hist.ndim == 3
-            and hist.shape[0] == mean.shape[1] == len(stats["names"]) and hist.shape[2] == mean.shape[0])
-
-
-def _load_run(run_dir: Path, label: str | None = None) -> _Run:
-    run_dir = Path(run_dir)
-    metrics = _read_metrics(run_dir / "metrics.json")
-    # The run's own id, not its folder's name: charts are drawn while the run sits in a temporary folder.
-    default = metrics.get("id") if isinstance(metrics, dict) else None
-    return _Run(
-        label=label or default or run_dir.name,
-        metrics=metrics,
-        stats=_read_stats(run_dir / "stats.npz"),
-    )
+        return self.stats is not None and len(self.stats) > 0 and len(self.names) > 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,19 +147,15 @@ def _finite(a: np.ndarray) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
-def _losses(metrics: dict[str, Any]) -> np.ndarray:
-    return _as_float((metrics.get("batches") or {}).get("loss"))
+def _losses(metrics: Metrics) -> np.ndarray:
+    return _as_float(metrics.batches.loss)
 
 
-def _valid(metrics: dict[str, Any], key: str = "valid_loss") -> tuple[list[float], list[float]]:
+def _valid(metrics: Metrics, key: str = "valid_loss") -> tuple[list[float], list[float]]:
     """(steps, values) of an epoch-level validation series, skipping epochs without a finite value."""
-    steps, values = [], []
-    for epoch in metrics.get("epochs") or []:
-        value = epoch.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and epoch.get("step") is not None:
-            steps.append(float(epoch["step"]))
-            values.append(float(value))
-    return steps, values
+    pairs = [(float(e.step), v) for e in metrics.epochs
+             if (v := getattr(e, key)) is not None and math.isfinite(v)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _ema(values: np.ndarray) -> np.ndarray:
@@ -269,23 +234,20 @@ def _draw_loss(ax: Axes, run: _Run, color: Any = None) -> None:
 
 def _draw_module_lines(ax: Axes, run: _Run, key: str) -> None:
     assert run.stats is not None
-    values = run.stats[key]
-    x = _steps(values.shape[0])
+    values = getattr(run.stats, key)
+    x = run.x
     for m, (name, color) in enumerate(zip(run.names, _module_colors(len(run.names)), strict=True)):
         ax.plot(x, values[:, m], color=color, lw=1.0, label=short_name(name))
     _mark_divergence(ax, run)
 
 
-def _draw_hist(ax: Axes, hist: np.ndarray, vmax: float | None) -> None:
+def _draw_hist(ax: Axes, hist: np.ndarray, x: np.ndarray, vmax: float | None) -> None:
     """imshow of log1p(counts) [bins, steps]: x = step, y = |activation| (low values at the bottom)."""
-    from runner.stats import HIST_RANGE
-
     ax.imshow(np.log1p(np.nan_to_num(hist)), origin="lower", aspect="auto", interpolation="nearest",
-              extent=(0.5, hist.shape[1] + 0.5, *HIST_RANGE), vmin=0.0, vmax=vmax, cmap="viridis")
+              extent=(x[0] - 0.5, x[-1] + 0.5, *HIST_RANGE), vmin=0.0, vmax=vmax, cmap="viridis")
 
 
-def _draw_dead(ax: Axes, share: np.ndarray) -> None:
-    x = _steps(share.shape[0])
+def _draw_dead(ax: Axes, share: np.ndarray, x: np.ndarray) -> None:
     ax.fill_between(x, share, color="C3", alpha=0.25, lw=0)
     ax.plot(x, share, color="C3", lw=1.2)
     ax.set_ylim(0, 1)
@@ -439,7 +401,7 @@ def _stats_chart(runs: list[_Run]) -> Figure:
                             bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.3)
         if len(runs) > 1:
             axes[row, 0].set_ylabel(run.label, fontweight="bold")
-    if _wants_log(*(r.stats["std"] for r in runs if r.has("stats"))):
+    if _wants_log(*(r.stats.std for r in runs if r.stats is not None and r.has("stats"))):
         axes[0, 1].set_yscale("log")  # shared y: applies to the whole column
     axes[0, 0].set_title("activation mean")
     axes[0, 1].set_title("activation std")
@@ -449,65 +411,70 @@ def _stats_chart(runs: list[_Run]) -> Figure:
 
 
 def _module_grid(runs: list[_Run]) -> tuple[Figure, np.ndarray, list[list[tuple[_Run, int] | None]]]:
-    """Small multiples: one run wraps its modules into rows of WRAP; several runs get a row each with
-    one column per module (the same module position across runs)."""
-    if len(runs) == 1:
-        m = len(runs[0].names) or 1
-        ncols = min(m, WRAP)
-        nrows = math.ceil(m / ncols)
-        cells = [[(runs[0], r * ncols + c) if r * ncols + c < len(runs[0].names) else None
-                  for c in range(ncols)] for r in range(nrows)]
-    else:
-        ncols = max([len(r.names) for r in runs if r.has("hist")] or [1])
-        nrows = len(runs)
-        cells = [[(run, c) if run.has("hist") and c < len(run.names) else None for c in range(ncols)]
-                 for run in runs]
-    fig, axes = _small_multiples(nrows, ncols, 1.7 if len(runs) == 1 else 1.5, 1.9 if len(runs) == 1 else 1.7)
+    """Small multiples wrapped at WRAP panels a row: each run gets a block of rows holding its modules
+    in order (the same module at the same place in every block), so panels stay readable at page width."""
+    ncols = min(max([len(r.names) for r in runs] or [1]), WRAP) or 1
+    cells: list[list[tuple[_Run, int] | None]] = []
+    for run in runs:
+        m = len(run.names) if run.has("hist") else 0
+        for start in range(0, max(m, 1), ncols):
+            cells.append([(run, start + c) if start + c < m else None for c in range(ncols)])
+    fig, axes = _small_multiples(len(cells), ncols, 1.7, 1.9 if len(runs) == 1 else 1.7)
     return fig, axes, cells
 
 
 def _module_chart(runs: list[_Run], kind: str) -> Figure:
-    """The hist ("colorful dimension") and dead-share small multiples."""
+    """The hist ("colorful dimension") and dead-share small multiples, every panel titled with its
+    module (and, in comparisons, the first panel of each run's block with the run)."""
     fig, axes, cells = _module_grid(runs)
     drawn = np.array([[cell is not None for cell in row] for row in cells])
-    vmax = _column_vmax(cells) if kind == "hist" else None
+    vmax = _module_vmax(runs) if kind == "hist" else {}
+    owners = _row_owners(runs, cells)
     for r, c in np.ndindex(axes.shape):
         ax, cell = axes[r, c], cells[r][c]
         if cell is None:
-            row_run = runs[r] if len(runs) > 1 else runs[0]
-            if c == 0 and not row_run.has(kind):
-                _empty(ax, f"no statistics: {row_run.status}", spill=True)
+            if c == 0 and not owners[r].has(kind):
+                _empty(ax, f"{owners[r].label}: no statistics ({owners[r].status})", spill=True)
             continue
         run, m = cell
         if kind == "hist":
-            _draw_hist(ax, run.stats["hist"][m], vmax[c])
+            _draw_hist(ax, run.stats.hist[m], run.x, vmax.get(m))
         else:
-            _draw_dead(ax, run.dead[m])
+            _draw_dead(ax, run.dead[m], run.x)
             ax.grid(alpha=0.3)
         # A fixed title position skips matplotlib's per-axes title auto-placement (slow with many axes).
         ax.set_title(short_name(run.names[m]), fontsize=9, y=1.0, pad=3)
-    steps = max((r.stats["mean"].shape[0] for r in runs if r.has(kind)), default=1)
-    axes[0, 0].set_xlim(0.5, steps + 0.5)  # else the shared x ends where the last image drawn ends
-    _label_module_rows(axes, runs, "|activation|" if kind == "hist" else "dead share")
+    last = max((int(r.x[-1]) for r in runs if r.has(kind)), default=1)
+    axes[0, 0].set_xlim(0.5, last + 0.5)  # else the shared x ends where the last image drawn ends
+    _label_module_rows(axes, runs, owners, "|activation|" if kind == "hist" else "dead share")
     _fix_outer_labels(axes, drawn)
     _title(fig, runs, "activation histograms" if kind == "hist" else "dead share (|a| in lowest bin)")
     return fig
 
 
-def _column_vmax(cells: list[list[tuple[_Run, int] | None]]) -> list[float | None]:
-    """One colour scale per column (same module position) so brightness compares across runs."""
-    out: list[float | None] = []
-    for col in zip(*cells, strict=True):
-        peaks = [float(np.nanmax(np.log1p(run.stats["hist"][m]), initial=0.0))
-                 for run, m in filter(None, col)]
-        out.append(max(peaks) if peaks and max(peaks) > 0 else None)
+def _row_owners(runs: list[_Run], cells: list[list[tuple[_Run, int] | None]]) -> list[_Run]:
+    """The run each grid row belongs to (rows of a run without statistics hold no cell)."""
+    owners: list[_Run] = []
+    for run in runs:
+        owners += [run] * (max(math.ceil(len(run.names) / len(cells[0])), 1) if run.has("hist") else 1)
+    return owners
+
+
+def _module_vmax(runs: list[_Run]) -> dict[int, float | None]:
+    """One colour scale per module position, so brightness compares across runs."""
+    out: dict[int, float | None] = {}
+    for m in range(max((len(r.names) for r in runs), default=0)):
+        peaks = [float(np.nanmax(np.log1p(r.stats.hist[m]), initial=0.0))
+                 for r in runs if r.stats is not None and m < len(r.names)]
+        out[m] = max(peaks) if peaks and max(peaks) > 0 else None
     return out
 
 
-def _label_module_rows(axes: np.ndarray, runs: list[_Run], what: str) -> None:
+def _label_module_rows(axes: np.ndarray, runs: list[_Run], owners: list[_Run], what: str) -> None:
     for r in range(axes.shape[0]):
-        label = what if len(runs) == 1 else f"{runs[r].label}\n{what}"
-        axes[r, 0].set_ylabel(label, fontsize=8, fontweight="normal" if len(runs) == 1 else "bold")
+        first = r == 0 or owners[r] is not owners[r - 1]
+        label = what if len(runs) == 1 or not first else f"{owners[r].label}\n{what}"
+        axes[r, 0].set_ylabel(label, fontsize=8, fontweight="bold" if len(runs) > 1 and first else "normal")
 
 
 _BUILDERS: dict[str, Callable[[list[_Run]], Figure]] = {
@@ -523,11 +490,12 @@ _BUILDERS: dict[str, Callable[[list[_Run]], Figure]] = {
 
 
 def run_charts(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Draw loss.png, stats.png, hist.png and dead.png into ``run_dir/charts`` from the run's
-    metrics.json and stats.npz; charts without data (failed run, no stats, zero steps) are skipped and a
-    stale PNG of a skipped kind is removed. Returns the written paths by kind."""
+    """Draw loss.png, stats.png, hist.png and dead.png into ``run_dir/charts`` from the run's files (read
+    through runner.results; the folder may still be a temporary one, so its name is not checked); charts
+    without data (failed or damaged run, no stats, zero steps) are skipped and a stale PNG of a skipped
+    kind is removed. Returns the written paths by kind."""
     run_dir = Path(run_dir)
-    run = _load_run(run_dir)
+    run = _Run.of(load_run(run_dir))
     written: dict[str, Path] = {}
     for kind in CHART_KINDS:
         path = run_dir / "charts" / f"{kind}.png"
@@ -538,18 +506,11 @@ def run_charts(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     return written
 
 
-def comparison_chart(run_dirs: Sequence[str | os.PathLike[str]], kind: str, out: str | os.PathLike[str],
-                     labels: Sequence[str] | None = None) -> Path:
-    """Draw one chart kind for several runs side by side with shared axes and write it to ``out``.
-
-    Runs missing metrics or statistics appear as annotated empty panels. ``labels`` default to the run
-    folder names.
-    """
+def comparison_chart(runs: Sequence[Run], kind: str, out: str | os.PathLike[str]) -> Path:
+    """Draw one chart kind for several runs with shared axes and write it to ``out``; runs without
+    metrics or statistics appear as annotated empty panels."""
     if kind not in CHART_KINDS:
         raise ValueError(f"unknown chart kind {kind!r}; expected one of {CHART_KINDS}")
-    if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
-    if not run_dirs:
-        raise ValueError("comparison_chart needs at least one run folder")
-    runs = [_load_run(Path(d), labels[i] if labels else None) for i, d in enumerate(run_dirs)]
-    return _save(_BUILDERS[kind](runs), Path(out))
+    if not runs:
+        raise ValueError("comparison_chart needs at least one run")
+    return _save(_BUILDERS[kind]([_Run.of(r) for r in runs]), Path(out))

@@ -67,16 +67,24 @@ def _site(args: argparse.Namespace) -> int:
     return site_main(args)
 
 
-def _encode(args: argparse.Namespace) -> int:
-    from runner.encode import run_encode
+def _encode(argv: list[str]) -> int:
+    # encode's options come from runner.encode, which imports torch: they are parsed here, only for this
+    # command, so that the others (validate, seed-name, site) never import torch.
+    from runner.encode import add_encode_arguments, run_encode
 
-    return run_encode(args)
+    ap = argparse.ArgumentParser(prog="python -m runner encode",
+                                 description="encode LSUN images into latents")
+    add_encode_arguments(ap)
+    return run_encode(ap.parse_args(argv))
 
 
-def _fit_decoder(args: argparse.Namespace) -> int:
-    from runner.decode import run_fit
+def _fit_decoder(argv: list[str]) -> int:
+    from runner.decode import add_fit_arguments, run_fit  # imports torch: only for this command
 
-    return run_fit(args)
+    ap = argparse.ArgumentParser(prog="python -m runner fit-decoder",
+                                 description="fit the preview decoder (latent -> 64x64 RGB) on bundled pairs")
+    add_fit_arguments(ap)
+    return run_fit(ap.parse_args(argv))
 
 
 def _samples(args: argparse.Namespace) -> int:
@@ -132,20 +140,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-build", action="store_true", help="render Markdown only, skip mkdocs build")
     p.set_defaults(func=_site)
 
-    p = sub.add_parser("encode", help="encode LSUN images into latents (needs the VAE; a GPU helps)")
-    try:
-        from runner.encode import add_encode_arguments
-
-        add_encode_arguments(p)
-    except ImportError:  # encode's optional pieces are imported lazily; the parser must still build
-        pass
-    p.set_defaults(func=_encode)
-
-    p = sub.add_parser("fit-decoder", help="fit the preview decoder (latent -> 64x64 RGB) on bundled pairs")
-    from runner.decode import add_fit_arguments
-
-    add_fit_arguments(p)
-    p.set_defaults(func=_fit_decoder)
+    # Listed for --help only: main() hands `encode ...` and `fit-decoder ...` to their own parsers.
+    sub.add_parser("encode", help="encode LSUN images into latents (needs the VAE; a GPU helps)")
+    sub.add_parser("fit-decoder", help="fit the preview decoder (latent -> 64x64 RGB) on bundled pairs")
 
     p = sub.add_parser("samples", help="redraw a run's sample grids from its saved latents (no resampling)")
     p.add_argument("run", help="a run folder, e.g. results/diffusers_baseline")
@@ -155,5 +152,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Commands whose options come from torch-importing modules parse them themselves (see _encode).
+    own_parsers = {"encode": _encode, "fit-decoder": _fit_decoder}
+    if argv[:1] and argv[0] in own_parsers:
+        return own_parsers[argv[0]](argv[1:])
     args = parser().parse_args(argv)
     return args.func(args)

@@ -34,10 +34,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import default
+
 from runner.faults import kill_point
-from runner.files import ExchangeUnsupported, exchange_dirs, read_json, write_json, write_text
+from runner.files import ExchangeUnsupported, exchange_dirs, write_json, write_text
 from runner.manifest import MANIFEST, manifest_key, verify, write_manifest
-from runner.spec import SAFE_ID, Spec, SpecError, discover, load_spec
+from runner.results import Metrics, read_metrics, write_metrics
+from runner.spec import SAFE_ID, Spec, SpecError, discover, load_resolved, load_spec
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "experiment.ipynb"
 KERNEL = "python3"
@@ -45,7 +49,8 @@ KERNEL = "python3"
 # A failed run is retried, since failures are usually about the environment.
 CACHEABLE = ("completed", "diverged")
 # Modules that only render reports from finished runs: their source is not part of the cache key.
-REPORT_ONLY = frozenset({"site.py", "insights.py"})
+# (The notebook prints a run's verdict through runner.report, so the analysis modules are in the key.)
+REPORT_ONLY = frozenset({"site.py", "views.py", "templating.py"})
 # Temporary folders in results/: `.<id>.run-XXXX` (a run being written), `.<id>.old-XXXX` (a
 # previous run set aside during an install). Ids never contain a dot, so the id is recoverable.
 RUN_TAG, OLD_TAG = ".run-", ".old-"
@@ -60,6 +65,26 @@ LOCK = ".lock"
 EXIT_OK, EXIT_EXPERIMENT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 log = logging.getLogger("runner.execute")
+
+
+class _IpcKernelManager(AsyncKernelManager):
+    """Kernels talk to papermill over Unix sockets (IPC) instead of TCP on localhost: no open port, and
+    no "Kernel is running over TCP without encryption" warning printed for every experiment."""
+
+    @default("transport")
+    def _default_transport(self) -> str:
+        return "ipc"
+
+
+def kernel_spec(spec_path: str, profile: str, expected_python: str) -> Spec:
+    """The notebook's first call: check that the kernel runs the interpreter `runner run` expects (or the
+    run would use other packages), then load the spec. `runner run` always passes a resolved spec.yaml;
+    a spec file (someone running the notebook by hand) is resolved with `profile`."""
+    if expected_python and Path(sys.executable).resolve() != Path(expected_python).resolve():
+        raise RuntimeError(f"kernel runs {sys.executable}, expected {expected_python}: "
+                           "install ipykernel in the project's environment")
+    return load_resolved(spec_path) if Path(spec_path).name == "spec.yaml" else load_spec(spec_path, profile)
+
 
 
 class _CellChatter(logging.Filter):
@@ -155,6 +180,7 @@ def execute_spec(spec: Spec, work: Path, device: str | None = None) -> None:
             progress_bar=False,
             log_output=True,
             cwd=str(work),
+            kernel_manager_class=_IpcKernelManager,
         )
     except Exception as e:  # the notebook failed: record why, keep what it wrote
         _record_failure(spec, work, e)
@@ -213,26 +239,19 @@ def install_run(work: Path, results: Path, spec_id: str) -> Outcome:
 
 def read_outcome(run_dir: Path, cached: bool, seconds: float = 0.0) -> Outcome:
     """The one place the suite reads a run's metrics.json."""
-    metrics = read_json(run_dir / "metrics.json")
-    detail = metrics.get("error") or ""
-    if metrics["status"] == "diverged":
-        detail = f"diverged at step {metrics['diverged_at_step']}"
-    return Outcome(run_dir.name, metrics["status"], cached, seconds, detail)
+    metrics = read_metrics(run_dir)
+    detail = metrics.status_text if metrics.status == "diverged" else metrics.error or ""
+    return Outcome(run_dir.name, metrics.status, cached, seconds, detail)
 
 
 def _record_failure(spec: Spec, run_dir: Path, error: Exception) -> None:
     """Make sure a failed run has metrics.json saying so, with the error that stopped it."""
     message = _error_message(error)
-    path = run_dir / "metrics.json"
     try:
-        metrics = read_json(path)
-    except (FileNotFoundError, ValueError):
-        from runner.train import failed_metrics  # torch is imported only on this rare path
-
-        metrics = failed_metrics(spec, message)
-    metrics["status"] = "failed"
-    metrics["error"] = metrics.get("error") or message
-    write_json(path, metrics)
+        metrics = read_metrics(run_dir)
+    except ValueError:  # the notebook stopped before training wrote its record
+        metrics = Metrics.failed(spec, message)
+    write_metrics(run_dir, metrics.model_copy(update={"status": "failed", "error": metrics.error or message}))
 
 
 def _error_message(error: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -77,3 +78,55 @@ def exchange_dirs(a: Path, b: Path) -> None:
         if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise ExchangeUnsupported(err, f"renameat2 exchange: {os.strerror(err)}", str(a))
         raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+# ---------------------------------------------------------------- swapping a whole folder in
+
+OLD_SUFFIX = ".old"  # fallback scheme: `target` sits here while `staged` is being renamed into place
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """`exchange_dirs`, or False where the platform cannot swap in one step."""
+    try:
+        exchange_dirs(a, b)
+    except ExchangeUnsupported:
+        return False
+    return True
+
+
+def recover_dir(target: Path) -> None:
+    """Finish what a killed fallback `replace_dir` left: `target` missing but `target.old` present means
+    the kill came between its two renames, so the previous complete folder goes back into place."""
+    target = Path(target)
+    old = target.with_name(target.name + OLD_SUFFIX)
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+    elif old.is_dir():
+        shutil.rmtree(old)
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Put the complete folder `staged` at `target` so that a reader (or a kill at any instant) sees
+    either the previous `target` or the new one, never a mix; then delete the previous one.
+
+    `staged` must be on `target`'s filesystem (make it beside `target`). On Linux one
+    renameat2(RENAME_EXCHANGE) swaps the two folders atomically, after which `staged` holds the old
+    content and is deleted (a kill before that leaves only a stale staging folder, which the caller
+    cleans at its next start). Where exchange is unsupported the fallback is two renames,
+    target -> target.old and staged -> target: a kill between them leaves target missing and
+    target.old complete, which `recover_dir(target)` (call it at start) renames back.
+    """
+    staged, target = Path(staged), Path(target)
+    if not staged.is_dir():
+        raise NotADirectoryError(f"replace_dir: staged folder {staged} does not exist")
+    recover_dir(target)
+    if not target.exists():
+        staged.rename(target)
+        return
+    if _exchange(staged, target):
+        shutil.rmtree(staged)
+        return
+    old = target.with_name(target.name + OLD_SUFFIX)
+    target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old)

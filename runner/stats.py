@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
+# The file format and its histogram constants live in the numpy-only runner.statsfile (the reporting
+# side reads statistics without torch); re-exported here for the recorder's users.
+from runner.statsfile import HIST_BINS, HIST_RANGE, dead_share, load_stats, save_stats
+
 __all__ = [
     "HIST_BINS", "HIST_RANGE", "ActivationStats", "dead_share", "load_stats", "module_filter", "save_stats",
 ]
 
-HIST_BINS = 40
-HIST_RANGE = (0.0, 10.0)
 # Bins per unit of |x|: with 0.25-wide bins, floor(|x| * 4) is the bin and every edge is exact in float.
 _PER_UNIT = HIST_BINS / (HIST_RANGE[1] - HIST_RANGE[0])
 # Raw histogram columns: 40 bins, then |x| == 10 exactly (histc's closed last edge, folded into bin 39
@@ -222,47 +224,6 @@ class ActivationStats:
         """Write the statistics to one compressed .npz file, atomically."""
         return save_stats(self.to_numpy(), path)
 
-    # -- notebook conveniences (miniai's names)
-
-    def plot_stats(self, figsize: tuple[float, float] = (10, 4)) -> Any:
-        """Mean (left) and std (right) of every module against step; returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
-
-        d = self.to_numpy()
-        fig, axs = plt.subplots(1, 2, figsize=figsize)
-        for ax, key in zip(axs, ("mean", "std"), strict=True):
-            ax.plot(d[key])
-            ax.set_title(key)
-            ax.set_xlabel("step")
-        axs[0].legend(d["names"], fontsize="x-small")
-        return fig
-
-    def color_dim(self, figsize: tuple[float, float] = (11, 5)) -> Any:
-        """The "colorful dimension": log(1 + histogram) of each module over steps."""
-        import matplotlib.pyplot as plt
-
-        hist = self.to_numpy()["hist"]
-        cols = 4
-        rows = max(1, -(-len(self.names) // cols))
-        fig, axs = plt.subplots(rows, cols, figsize=(figsize[0], figsize[1] * rows / 2), squeeze=False)
-        for ax, h, name in zip(axs.flat, hist, self.names, strict=False):
-            ax.imshow(np.log1p(h), origin="lower", aspect="auto")
-            ax.set_title(name, fontsize="small")
-        for ax in axs.flat:
-            ax.set_axis_off()
-        return fig
-
-    def dead_chart(self, figsize: tuple[float, float] = (10, 4)) -> Any:
-        """Share of |activations| in the lowest bin ([0, 0.25)) of each module against step."""
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=figsize)
-        ax.plot(dead_share(self.to_numpy()["hist"]).T)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("step")
-        ax.legend(self.names, fontsize="x-small")
-        return fig
-
 
 # ---------------------------------------------------------------- device side
 
@@ -407,38 +368,3 @@ def _as_dict(mean: np.ndarray, std: np.ndarray, hist_smb: np.ndarray, names: Seq
         "hist": np.ascontiguousarray(np.transpose(hist_smb, (1, 2, 0))),
         "names": [str(n) for n in names],
     }
-
-
-def save_stats(stats: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a ``to_numpy()``-style dict to a compressed .npz atomically (temp file, then os.replace)."""
-    from runner.files import write_atomic
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
-            np.savez_compressed(f, mean=stats["mean"], std=stats["std"], hist=stats["hist"],
-                                names=np.array(list(stats["names"]), dtype=str))
-
-    return write_atomic(Path(path), write)
-
-
-def load_stats(path: str | Path) -> dict[str, Any]:
-    """Read a file written by ``ActivationStats.save``: the same dict as ``to_numpy()``."""
-    with np.load(Path(path), allow_pickle=False) as f:
-        return {
-            "mean": f["mean"],
-            "std": f["std"],
-            "hist": f["hist"],
-            "names": [str(n) for n in f["names"]],
-        }
-
-
-def dead_share(hist: np.ndarray) -> np.ndarray:
-    """Share of |activations| in the lowest bin, hist [modules, 40, steps] -> [modules, steps].
-
-    miniai's ``get_min``: bin 0 over the histogram's total (values above 10 are not counted);
-    NaN where a module recorded nothing at a step.
-    """
-    h = np.asarray(hist, dtype=np.float64)
-    total = h.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, h[:, 0] / np.where(total > 0, total, 1), np.nan)

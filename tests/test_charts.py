@@ -11,27 +11,58 @@ from matplotlib import _pylab_helpers
 from matplotlib.image import imread
 
 from runner import charts
-from runner.charts import CAPTIONS, CHART_KINDS, comparison_chart, run_charts, short_name
+from runner.charts import CAPTIONS, CHART_KINDS, WRAP, comparison_chart, run_charts, short_name
+from runner.results import load_run
+from runner.spec import build_spec
 
 NAMES = ["unet.down_blocks.0.resnets.0", "unet.mid_block.resnets.0", "unet.up_blocks.1.resnets.1"]
 STEPS = 60
 SPE = 30  # steps per epoch: 2 epochs
 
 
-def _metrics(status: str = "completed", losses: list[float | None] | None = None,
-             diverged_at: int | None = None, batch_stats: bool = False) -> dict:
+def _metrics(
+    status: str = "completed",
+    losses: list[float | None] | None = None,
+    diverged_at: int | None = None,
+    batch_stats: bool = False,
+) -> dict:
     if losses is None:
         losses = list(1.0 / (1 + 0.05 * np.arange(STEPS)) + 0.02 * np.sin(np.arange(STEPS)))
-    epochs = [{"epoch": e, "step": e * SPE, "train_loss": 0.5, "valid_loss": 0.6 / e,
-               "valid_loss_batch_stats": 0.9 / e if batch_stats else None}
-              for e in (1, 2) if e * SPE <= len(losses)]
-    return {"title": "x", "spec_hash": "h", "profile": "smoke", "status": status,
-            "diverged_at_step": diverged_at, "error": "boom" if status == "failed" else None,
-            "params": 10, "steps_per_epoch": SPE, "steps_completed": len(losses), "steps_total": STEPS,
-            "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
-            "epochs": epochs,
-            "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},
-            "timings": {"total_s": 1.0, "step_s": 0.01}, "environment": {}}
+    epochs = [
+        {
+            "epoch": e,
+            "step": e * SPE,
+            "train_loss": 0.5,
+            "valid_loss": 0.6 / e,
+            "valid_loss_batch_stats": 0.9 / e if batch_stats else None,
+        }
+        for e in (1, 2)
+        if e * SPE <= len(losses)
+    ]
+    return {
+        "title": "x",
+        "spec_hash": "h",
+        "profile": "smoke",
+        "status": status,
+        "diverged_at_step": diverged_at,
+        "error": "boom" if status == "failed" else None,
+        "params": 10,
+        "steps_per_epoch": SPE,
+        "steps_completed": len(losses),
+        "steps_total": STEPS,
+        "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
+        "epochs": epochs,
+        "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},
+        "timings": {"total_s": 1.0, "step_s": 0.01},
+        "environment": {
+            "device": "cpu",
+            "precision": "fp32",
+            "torch": "t",
+            "diffusers": "d",
+            "python": "3",
+            "runner": "r",
+        },
+    }
 
 
 def _stats(path: Path, steps: int = STEPS, names: list[str] = NAMES, grow: bool = False) -> None:
@@ -39,23 +70,44 @@ def _stats(path: Path, steps: int = STEPS, names: list[str] = NAMES, grow: bool 
     m = len(names)
     # grow=True: stds rise exponentially into the hundreds, like a diverging run.
     std = np.exp(np.linspace(0, 6, steps))[:, None] * np.ones(m) if grow else 1 + 0.1 * rng.random((steps, m))
-    hist = np.stack([np.stack([np.histogram(np.abs(rng.normal(0, std[s, j], 300)), bins=40, range=(0, 10))[0]
-                               for s in range(steps)], axis=1) for j in range(m)]) if steps else \
-        np.zeros((m, 40, 0))
+    hist = (
+        np.stack(
+            [
+                np.stack(
+                    [
+                        np.histogram(np.abs(rng.normal(0, std[s, j], 300)), bins=40, range=(0, 10))[0]
+                        for s in range(steps)
+                    ],
+                    axis=1,
+                )
+                for j in range(m)
+            ]
+        )
+        if steps
+        else np.zeros((m, 40, 0))
+    )
     mean = 0.1 * rng.standard_normal((steps, m))
     if grow:  # a diverging run ends with non-finite activations
         mean[-3:, 1] = std[-3:, 1] = np.nan
     np.savez_compressed(path, mean=mean, std=std, hist=hist, names=np.array(names))
 
 
-def _run(tmp_path: Path, name: str, metrics: dict | None, stats: dict | None = None) -> Path:
+def _run(
+    tmp_path: Path, name: str, metrics: dict | None, stats: dict | None = None, run_id: str = ""
+) -> Path:
     d = tmp_path / name
     d.mkdir()
+    run_id = run_id or name
+    (d / "spec.yaml").write_text(build_spec({"id": run_id}, "test", profile="smoke").to_yaml())
     if metrics is not None:  # a run's metrics carry its id, which charts use as the default label
-        (d / "metrics.json").write_text(json.dumps({**metrics, "id": name}))
+        (d / "metrics.json").write_text(json.dumps({**metrics, "id": run_id}))
     if stats is not None:
         _stats(d / "stats.npz", **stats)
     return d
+
+
+def _load(folder: Path) -> charts._Run:
+    return charts._Run.of(load_run(folder))
 
 
 def _assert_png(path: Path, min_w: int = 900) -> None:
@@ -93,7 +145,7 @@ def test_run_charts_writes_all_four_pngs(ok_run: Path) -> None:
 
 
 def test_loss_chart_has_both_validation_series_and_smoothing(ok_run: Path) -> None:
-    ax = charts._loss_chart([charts._load_run(ok_run)]).axes[0]
+    ax = charts._loss_chart([_load(ok_run)]).axes[0]
     labels = ax.get_legend_handles_labels()[1]
     assert labels == ["train (per batch)", "train (smoothed)", "valid", "valid (batch statistics)"]
     raw, smooth = ax.lines[0].get_ydata(), ax.lines[1].get_ydata()
@@ -105,7 +157,7 @@ def test_loss_chart_has_both_validation_series_and_smoothing(ok_run: Path) -> No
 def test_diverged_run_with_nans_marks_step_and_uses_log_scales(diverged_run: Path) -> None:
     written = run_charts(diverged_run)
     assert set(written) == set(CHART_KINDS)
-    run = charts._load_run(diverged_run)
+    run = _load(diverged_run)
     loss_ax = charts._loss_chart([run]).axes[0]
     std_ax = charts._stats_chart([run]).axes[1]
     for ax in (loss_ax, std_ax):
@@ -133,40 +185,45 @@ def test_broken_files_give_no_charts(ok_run: Path) -> None:
     assert run_charts(ok_run) == {}
 
 
-def test_inconsistent_stats_are_skipped(tmp_path: Path) -> None:
-    d = _run(tmp_path, "bad-shapes", None, {})
+def test_inconsistent_stats_damage_the_run_and_give_no_charts(tmp_path: Path) -> None:
+    d = _run(tmp_path, "bad-shapes", _metrics(), {})
     with np.load(d / "stats.npz") as f:
         data = dict(f)
     np.savez_compressed(d / "stats.npz", **{**data, "names": np.array(NAMES[:2])})
     assert run_charts(d) == {}
 
 
-@pytest.mark.parametrize(("name", "short"), [
-    ("unet.down_blocks.0.resnets.1", "down0.res1"),
-    ("unet.up_blocks.2.attentions.0", "up2.attn0"),
-    ("unet.mid_block.resnets.0", "mid.res0"),
-    ("down_blocks.3.downsamplers.0", "down3.dsamp0"),
-    ("downs.1.resnets.0", "down1.res0"),
-    ("conv_in", "conv_in"),
-])
+@pytest.mark.parametrize(
+    ("name", "short"),
+    [
+        ("unet.down_blocks.0.resnets.1", "down0.res1"),
+        ("unet.up_blocks.2.attentions.0", "up2.attn0"),
+        ("unet.mid_block.resnets.0", "mid.res0"),
+        ("down_blocks.3.downsamplers.0", "down3.dsamp0"),
+        ("downs.1.resnets.0", "down1.res0"),
+        ("conv_in", "conv_in"),
+    ],
+)
 def test_short_name(name: str, short: str) -> None:
     assert short_name(name) == short
 
 
 @pytest.mark.parametrize("kind", CHART_KINDS)
-def test_comparison_with_missing_stats_run(tmp_path: Path, ok_run: Path, diverged_run: Path, failed_run: Path,
-                                           kind: str) -> None:
+def test_comparison_with_missing_stats_run(
+    tmp_path: Path, ok_run: Path, diverged_run: Path, failed_run: Path, kind: str
+) -> None:
     # A fourth run with a different module set: hist/dead columns use each run's own modules.
     other = _run(tmp_path, "two-modules", _metrics(), {"names": ["conv_in", "unet.mid_block.attentions.0"]})
-    out = comparison_chart([ok_run, diverged_run, failed_run, other], kind, tmp_path / "cmp" / f"{kind}.png",
-                           labels=["ok", "div", "fail", "two"])
+    runs = [load_run(d) for d in (ok_run, diverged_run, failed_run, other)]
+    out = comparison_chart(runs, kind, tmp_path / "cmp" / f"{kind}.png")
     assert out == tmp_path / "cmp" / f"{kind}.png"
     _assert_png(out)
 
 
-def test_comparison_annotates_missing_run_and_shares_axes(ok_run: Path, diverged_run: Path,
-                                                          failed_run: Path) -> None:
-    runs = [charts._load_run(d) for d in (ok_run, diverged_run, failed_run)]
+def test_comparison_annotates_missing_run_and_shares_axes(
+    ok_run: Path, diverged_run: Path, failed_run: Path
+) -> None:
+    runs = [_load(d) for d in (ok_run, diverged_run, failed_run)]
     fig = charts._stats_chart(runs)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("no statistics: failed" in t for t in texts)
@@ -178,7 +235,7 @@ def test_comparison_annotates_missing_run_and_shares_axes(ok_run: Path, diverged
 
 
 def test_comparison_hist_shares_colour_scale_per_column(ok_run: Path, diverged_run: Path) -> None:
-    fig = charts._module_chart([charts._load_run(ok_run), charts._load_run(diverged_run)], "hist")
+    fig = charts._module_chart([_load(ok_run), _load(diverged_run)], "hist")
     images = [ax.images[0] for ax in fig.axes]
     assert len(images) == 2 * len(NAMES)
     assert len({im.get_clim() for im in images[:: len(NAMES)]}) == 1
@@ -188,9 +245,9 @@ def test_comparison_hist_shares_colour_scale_per_column(ok_run: Path, diverged_r
 
 def test_comparison_rejects_bad_arguments(ok_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown chart kind"):
-        comparison_chart([ok_run], "nope", tmp_path / "x.png")
-    with pytest.raises(ValueError, match="labels"):
-        comparison_chart([ok_run], "loss", tmp_path / "x.png", labels=["a", "b"])
+        comparison_chart([load_run(ok_run)], "nope", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least one run"):
+        comparison_chart([], "loss", tmp_path / "x.png")
 
 
 def test_captions_cover_every_kind() -> None:
@@ -199,6 +256,25 @@ def test_captions_cover_every_kind() -> None:
 
 def test_default_label_is_the_runs_id_not_its_folder(tmp_path):
     # Charts are drawn while a run sits in a temporary folder; the title must name the run.
-    d = _run(tmp_path, ".tmp-abc123", {**_metrics(), "id": "real-id"}, {})
-    (d / "metrics.json").write_text(json.dumps({**_metrics(), "id": "real-id"}))
-    assert charts._load_run(d).label == "real-id"
+    d = _run(tmp_path, ".tmp-abc123", _metrics(), {}, run_id="real-id")
+    assert _load(d).label == "real-id"
+
+
+@pytest.mark.parametrize("kind", ["hist", "dead"])
+def test_comparison_of_many_modules_wraps_with_shared_axes_and_labels(tmp_path: Path, kind: str) -> None:
+    names = [f"unet.down_blocks.{i // 2}.resnets.{i % 2}" for i in range(22)]  # 22 panels per run
+    dirs = [_run(tmp_path, n, _metrics(), {"names": names, "steps": 8}) for n in ("run-a", "run-b")]
+    fig = charts._module_chart([_load(d) for d in dirs], kind)
+    drawn = [ax for ax in fig.axes if ax.get_title()]
+    assert len(drawn) == 2 * len(names)
+    columns = {ax.get_subplotspec().colspan.start for ax in drawn}
+    assert max(columns) < WRAP  # at most WRAP panels a row
+    assert [ax.get_title() for ax in drawn[: len(names)]] == [short_name(n) for n in names]
+    assert len({ax.get_xlim() for ax in drawn}) == 1 and len({ax.get_ylim() for ax in drawn}) == 1
+    ylabels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert any(label.startswith("run-a\n") for label in ylabels) and any(
+        label.startswith("run-b\n") for label in ylabels
+    )
+    # Each run's block starts a new row: run-b's first module is in the first column.
+    b_first = drawn[len(names)]
+    assert b_first.get_subplotspec().colspan.start == 0 and b_first.get_title() == short_name(names[0])

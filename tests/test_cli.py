@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
 
 from runner.cli import main
 from runner.spec import Spec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_validate_prints_one_line_per_valid_file_and_exits_0(tmp_path, capsys):
@@ -45,3 +49,36 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "runner", "validate", "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "validate" in proc.stdout
+
+
+_NO_TORCH = """
+import sys
+from pathlib import Path
+import runner.site
+from runner.cli import main
+root = Path(sys.argv[1])
+runner.site.ROOT = root  # render into the test's folder, not the project's docs/
+rc = main(sys.argv[2:])
+heavy = sorted(m for m in ("torch", "diffusers") if m in sys.modules)
+print("RC", rc, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["validate", "experiments/architecture/diffusers_baseline.yaml"],
+    ["seed-name", "(32,64,64,128)_(DAAA)_Lr1e-3_10k_5e"],
+    ["site", "--no-build"],
+])
+def test_commands_without_training_import_neither_torch_nor_diffusers(tmp_path, argv) -> None:
+    results = tmp_path / "results"
+    if argv[0] == "site":  # one real run folder, so pages, charts and the report are all exercised
+        from test_site import _run, _spec
+
+        _run(results, _spec("one"), "completed", 0.1, 0.2, std_peak=2.0, charts=True)
+        argv = [*argv, "--results", str(results)]
+    (tmp_path / "docs").mkdir()
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert "RC 0 HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if argv[0] == "site":
+        assert (tmp_path / "docs" / "experiments" / "one" / "index.md").is_file()

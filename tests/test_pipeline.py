@@ -8,15 +8,23 @@ and link in it must resolve.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
+import os
 import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import yaml
 from test_site import _unresolved  # the link checker the site tests use
 
-from runner import execute, site
+from runner import execute, site, views
+from runner.charts import comparison_chart
 from runner.spec import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +42,28 @@ SPECS = {
 pytestmark = pytest.mark.slow
 
 
+@contextmanager
+def console(into: list[str]):
+    """Capture what a user's terminal would show: this process's prints and logging (Python level) and
+    what the kernels write to the inherited file descriptors; echoed afterwards."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    logging.getLogger().addHandler(handler)  # pytest holds the root logger: basicConfig adds nothing
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1), os.dup2(tmp.fileno(), 2)
+        try:
+            with redirect_stdout(text), redirect_stderr(text):
+                yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            tmp.seek(0)
+            into.append(text.getvalue() + tmp.read().decode(errors="replace"))
+            sys.stdout.write(into[-1])
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("project")
@@ -47,10 +77,26 @@ def suite(tmp_path_factory) -> dict:
     # A folder runs the specs whose suites include the profile: add smoke to each.
     for path in (root / "experiments").glob("*.yaml"):
         path.write_text(path.read_text() + "suites: [smoke]\n")
-    first = execute.main(args)
+    out: list[str] = []
+    with console(out):
+        first = execute.main(args)
     stamps = {p: p.stat().st_mtime_ns for p in results.glob("*/notebook.ipynb")}
     second = execute.main(args)
-    return {"root": root, "results": results, "args": args, "codes": (first, second), "stamps": stamps}
+    return {"root": root, "results": results, "args": args, "codes": (first, second), "stamps": stamps,
+            "console": out[0]}
+
+
+def test_console_shows_progress_and_results_only(suite):
+    text = suite["console"]
+    assert "[1/3] tiny_batch: running (smoke profile)" in text and "3 experiments:" in text
+    assert "tiny_group: completed" in text  # progress and results are shown
+    assert "without encryption" not in text and "Executing Cell" not in text
+
+
+def test_notebook_prints_the_verdict_the_site_uses(suite):
+    nb = json.loads((suite["results"] / "tiny_group" / "notebook.ipynb").read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "max std:" in text and "verdict: " in text and "watched modules: " in text
 
 
 def test_failed_experiment_is_recorded_and_the_suite_goes_on(suite):
@@ -94,7 +140,17 @@ def test_second_invocation_runs_no_training(suite):
 def test_site_builds_strict_with_every_page_and_link(suite):
     root = suite["root"]
     docs = root / "docs"
-    pages = site.render_site(suite["results"], docs)
+    # A copy of the results with one damaged folder (truncated statistics), and a spec not run yet.
+    results = root / "results-site"
+    shutil.copytree(suite["results"], results)
+    stats = results / "tiny_batch" / "stats.npz"
+    stats.write_bytes(stats.read_bytes()[: stats.stat().st_size // 2])
+    experiments = root / "experiments-site"
+    shutil.copytree(root / "experiments", experiments)
+    (experiments / "tiny_later.yaml").write_text("title: Not run yet\nsuites: [smoke]\n" + TINY)
+    files = views.spec_files(experiments, root)
+    pages = site.render_site(results, docs, comparison_chart, spec_files=files,
+                             suite_record=json.loads((results / "suite.json").read_text()))
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config.update(docs_dir=str(docs), site_dir=str(root / "site"))
     (root / "mkdocs.yml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -108,6 +164,12 @@ def test_site_builds_strict_with_every_page_and_link(suite):
     index = (built / "experiments" / "index.html").read_text()
     row = re.search(r"<tr[^>]*>(?:(?!</tr>).)*tiny_fails(?:(?!</tr>).)*</tr>", index, re.S)
     assert row and "failed" in row.group(0)
+    damaged = re.search(r"<tr[^>]*>(?:(?!</tr>).)*tiny_batch(?:(?!</tr>).)*</tr>", index, re.S)
+    assert damaged and "damaged" in damaged.group(0) and "unreadable statistics" in damaged.group(0)
+    assert "Damaged run folder" in (built / "experiments" / "tiny_batch" / "index.html").read_text()
+    later = re.search(r"<tr[^>]*>(?:(?!</tr>).)*tiny_later(?:(?!</tr>).)*</tr>", index, re.S)
+    assert later and "not run" in later.group(0)
+    assert "python -m runner run experiments-site/tiny_later.yaml --profile smoke" in later.group(0)
     page = (built / "experiments" / "tiny_group" / "index.html").read_text()
     for kind in ("loss", "stats", "hist", "dead"):
         assert f"{kind}.png" in page

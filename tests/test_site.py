@@ -21,18 +21,14 @@ import yaml
 from jinja2 import UndefinedError
 from matplotlib.image import imsave
 
-from runner import insights as ins
-from runner import site
-from runner.site import (
-    SiteError,
-    environment,
-    fmt_num,
-    load_runs,
-    md_text,
-    render_site,
-    safe_id,
-)
+from runner import site, views
+from runner.model_notes import model_notes
+from runner.report import Report
+from runner.results import load_runs
+from runner.site import SiteError, render_site
 from runner.spec import build_spec
+from runner.templating import environment, md_text
+from runner.text import fmt
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
@@ -109,6 +105,7 @@ def _metrics(spec, status: str, train: float | None, valid: float | None, error:
             "torch": "2.x",
             "diffusers": "0.x",
             "python": "3.x",
+            "runner": "0.x",
         },
     }
 
@@ -160,23 +157,27 @@ def make_results(root: Path) -> Path:
     _run(results, bad, "completed", 0.3, None, std_peak=250.0, charts=True, notebook="error")
     _run(results, failed, "failed", error=f"RuntimeError: boom {XSS}\nsecond line")
     (results / ".tmp-partial").mkdir()  # temporary folder of a run in progress: skipped
-    (results / "no-metrics").mkdir()  # nothing finished yet: skipped
+    damaged = _run(results, _spec("no-metrics"), "completed", 0.1, 0.1)
+    (damaged / "metrics.json").unlink()  # an interrupted copy: the folder is damaged
     return results
 
 
-def _placeholder_charts(calls: list):
-    """runner.charts' API with a comparison_chart that writes a placeholder PNG (real charts take seconds
-    each; test_comparisons_with_real_charts covers the real one) and records its arguments."""
-    kinds, captions, _ = site._charts_api()
+def placeholder_draw(calls: list | None = None):
+    """A chart drawer that writes a placeholder PNG (real charts take seconds each;
+    test_comparisons_with_real_charts covers the real one) and records its arguments."""
 
-    def comparison_chart(run_dirs, kind, out, labels):
-        assert kind in kinds and len(labels) == len(run_dirs)
-        calls.append((Path(out).parent.name, kind, [Path(d).name for d in run_dirs], list(labels)))
+    def draw(runs, kind, out):
+        assert kind in KINDS and all(not r.damaged for r in runs)
+        if calls is not None:
+            calls.append((Path(out).parent.name, kind, [r.id for r in runs]))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         imsave(out, np.zeros((4, 6)))
         return Path(out)
 
-    return lambda: (kinds, captions, comparison_chart)
+    return draw
+
+
+draw = placeholder_draw()
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +188,8 @@ def built(tmp_path_factory) -> dict:
     docs = root / "docs"
     shutil.copytree(ROOT / "docs" / "assets", docs / "assets")
     calls: list = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(site, "_charts_api", _placeholder_charts(calls))
-        pages = render_site(results, docs)
+    pages = render_site(results, docs, placeholder_draw(calls))
     return {"root": root, "results": results, "docs": docs, "pages": pages, "calls": calls}
-
-
-@pytest.fixture(autouse=True)
-def placeholder_charts(request, monkeypatch) -> None:
-    if "real_charts" not in request.node.name:
-        monkeypatch.setattr(site, "_charts_api", _placeholder_charts([]))
 
 
 def _pages(docs: Path) -> dict[str, str]:
@@ -226,7 +219,7 @@ def test_page_list_and_copied_files(built) -> None:
             "comparisons/index.md",
             *(f"insights/{p}.md" for p in INSIGHT_PAGES),
             *(f"comparisons/{k}.md" for k in KINDS),
-            *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run")),
+            *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run", "no-metrics")),
         ]
     )
     assert {p.name for p in (docs / "experiments" / "good-run").iterdir()} == {
@@ -235,7 +228,18 @@ def test_page_list_and_copied_files(built) -> None:
         *(f"{k}.png" for k in KINDS),
     }
     assert {p.name for p in (docs / "experiments" / "failed-run").iterdir()} == {"index.md"}
-    assert not [p for p in docs.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    assert not [p for p in docs.iterdir() if p.name.startswith(".")]
+    assert not list(docs.parent.glob(".docs.staging-*")), "staging folder left behind"
+
+
+def test_damaged_run_is_listed_and_explained(built) -> None:
+    pages = _pages(built["docs"])
+    table = pages["experiments/index.md"]
+    row = table[table.index('<a href="no-metrics/index.html">') :].split("</tr>")[0]
+    assert "damaged" in row and "metrics.json: unreadable" in row
+    page = pages["experiments/no-metrics/index.md"]
+    assert "Damaged run folder" in page and "metrics.json: unreadable" in page
+    assert "no-metrics" not in pages["insights/summary.md"]  # left out of every statement
 
 
 def test_untrusted_text_is_escaped_everywhere(built) -> None:
@@ -279,7 +283,7 @@ def test_home_examples_are_the_insights_healthiest_and_least_healthy(built) -> N
 
 def test_verdicts_in_experiments_table_and_pages_come_from_insights(built) -> None:
     docs = built["docs"]
-    items = {i.id: i for i in ins.assess(load_runs(built["results"]))}
+    items = Report.build(load_runs(built["results"])).assessed
     table = (docs / "experiments" / "index.md").read_text()
     for run_id, level in (("good-run", "healthy"), ("bad-run", "unhealthy"), ("failed-run", "unhealthy")):
         assert items[run_id].verdict.level == level
@@ -303,7 +307,7 @@ def test_comparisons_group_runs_by_spec_group(built) -> None:
     assert "![Activation mean and std for group hyperparameters](stats/hyperparameters.png)" in page
     calls = [c[1:] for c in built["calls"] if c[0] in KINDS]  # comparisons/<kind>/<group>.png
     assert sorted(calls) == sorted(
-        (kind, ids, ids) for kind in KINDS for ids in (["bad-run", "good-run"], ["failed-run"])
+        (kind, ids) for kind in KINDS for ids in (["bad-run", "good-run"], ["failed-run"])
     )
     for kind in KINDS:
         assert (docs / "comparisons" / kind / "hyperparameters.png").is_file()
@@ -312,7 +316,7 @@ def test_comparisons_group_runs_by_spec_group(built) -> None:
 def test_insight_charts_per_axis_with_safe_names(built) -> None:
     calls = sorted(c[1:] for c in built["calls"] if c[0] == "charts")  # insights/charts/*.png
     assert calls == sorted(
-        (kind, ids, ids) for kind in KINDS for ids in (["bad-run", "good-run"], ["failed-run"])
+        (kind, ids) for kind in KINDS for ids in (["bad-run", "good-run"], ["failed-run"])
     )
     names = sorted(p.name for p in (built["docs"] / "insights" / "charts").iterdir())
     slug = "noise-script-alert-1-script"  # the axis "noise <script>alert(1)</script>", made safe
@@ -326,11 +330,13 @@ def test_insight_charts_per_axis_with_safe_names(built) -> None:
 
 @pytest.mark.slow
 def test_comparisons_with_real_charts(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(site, "INSIGHT_KINDS", ("stats",))  # the same function: one kind checks the path
+    from runner.charts import comparison_chart
+
+    monkeypatch.setattr(views, "INSIGHT_KINDS", ("stats",))  # the same function: one kind checks the path
     results = tmp_path / "results"
     _run(results, _spec("a"), "completed", 0.1, 0.1, std_peak=1.5)
     _run(results, _spec("b"), "failed", error="boom")
-    render_site(results, tmp_path / "docs")
+    render_site(results, tmp_path / "docs", comparison_chart)
     png_magic = b"\x89PNG\r\n\x1a\n"
     for kind in KINDS:
         png = tmp_path / "docs" / "comparisons" / kind / "architecture.png"
@@ -346,7 +352,7 @@ def test_comparisons_with_real_charts(tmp_path, monkeypatch) -> None:
 def test_diverged_run_shows_the_step(tmp_path) -> None:
     results = tmp_path / "results"
     _run(results, _spec("boom"), "diverged", 0.5, None, std_peak=900.0, charts=True)
-    render_site(results, tmp_path / "docs")
+    render_site(results, tmp_path / "docs", draw)
     docs = tmp_path / "docs"
     assert '<td class="status">diverged at step 4</td>' in (docs / "experiments" / "index.md").read_text()
     page = (docs / "experiments" / "boom" / "index.md").read_text()
@@ -358,7 +364,7 @@ def test_home_without_two_completed_runs_says_so(tmp_path) -> None:
     results = tmp_path / "results"
     spec = _spec("only")
     _run(results, spec, "completed", 0.1, 0.1, std_peak=2.0, charts=True)
-    render_site(results, tmp_path / "docs")
+    render_site(results, tmp_path / "docs", draw)
     home = (tmp_path / "docs" / "index.md").read_text()
     assert "No examples yet" in home and "1 run has them so far" in home
 
@@ -375,8 +381,9 @@ def test_strict_undefined_raises_on_missing_variable() -> None:
 
 
 def test_filters() -> None:
-    assert fmt_num(None) == fmt_num(float("nan")) == fmt_num("x") == "\u2014"
-    assert fmt_num(0.000123456) == "0.0001235" and fmt_num(250.0) == "250" and fmt_num(1234567) == "1,234,567"
+    assert fmt(None) == fmt(float("nan")) == fmt("x") == "\u2014"
+    assert fmt(0.000123456) == "0.000123" and fmt(250.0) == "250" and fmt(1234567) == "1,234,567"
+    assert fmt(1234.5) == "1,230" and fmt(123456.0) == "1.23e+05" and fmt(np.int64(7)) == "7"
     assert str(md_text("a_b *c* <x> & [l](u)\n  # h")) == r"a\_b \*c\* &lt;x&gt; &amp; \[l\]\(u\) \# h"
     assert str(md_text("it's")) == "it&#39;s"  # the entity keeps its '#'
 
@@ -384,23 +391,34 @@ def test_filters() -> None:
 # ---------------------------------------------------------------- safety
 
 
-def test_unsafe_ids_are_rejected(tmp_path) -> None:
-    for bad in ("../x", "A", "a/b", "", ".hidden"):
-        with pytest.raises(SiteError):
-            safe_id(bad)
+def test_unsafe_and_mismatched_folders_are_damaged(tmp_path) -> None:
     results = tmp_path / "results"
     (results / "Bad Id").mkdir(parents=True)
     (results / "Bad Id" / "metrics.json").write_text("{}")
-    with pytest.raises(SiteError, match="not a safe id"):
-        load_runs(results)
-
-
-def test_mismatched_spec_id_is_rejected(tmp_path) -> None:
-    results = tmp_path / "results"
     d = _run(results, _spec("one"), "completed", 0.1, 0.1)
     d.rename(results / "two")
-    with pytest.raises(SiteError, match="expected the folder name"):
-        load_runs(results)
+    runs = {r.folder.name: r for r in load_runs(results)}
+    assert "not a safe id" in runs["Bad Id"].damage and runs["Bad Id"].id.startswith("unsafe-")
+    assert "expected the folder name 'two'" in runs["two"].damage
+    docs = tmp_path / "docs"
+    render_site(results, docs, draw)
+    assert "Damaged run folder" in (docs / "experiments" / runs["Bad Id"].id / "index.md").read_text()
+
+
+def test_metrics_are_parsed_strictly(tmp_path) -> None:
+    results = tmp_path / "results"
+    d = _run(results, _spec("one"), "completed", 0.1, 0.1)
+    metrics = json.loads((d / "metrics.json").read_text())
+    for broken in ({**metrics, "extra": 1}, {**metrics, "params": "many"}, {k: v for k, v in metrics.items()
+                                                                           if k != "final"}):
+        (d / "metrics.json").write_text(json.dumps(broken))
+        (run,) = load_runs(results)
+        assert run.damaged and "not the metrics contract" in run.damage
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    _stats(d / "stats.npz", 2.0)
+    (d / "stats.npz").write_bytes((d / "stats.npz").read_bytes()[:100])  # truncated
+    (run,) = load_runs(results)
+    assert run.metrics is not None and run.damaged and "unreadable statistics" in run.damage
 
 
 def test_rerender_replaces_generated_pages_and_keeps_assets(tmp_path) -> None:
@@ -411,13 +429,13 @@ def test_rerender_replaces_generated_pages_and_keeps_assets(tmp_path) -> None:
     (docs / "assets" / "extra.css").write_text("keep")
     outside = tmp_path / "outside.md"
     outside.write_text("keep")
-    (docs / ".render-killed").mkdir()  # staging folder of a render that was killed
-    render_site(results, docs)
+    (tmp_path / ".docs.staging-killed").mkdir()  # staging folder of a render that was killed
+    render_site(results, docs, draw)
     assert (docs / "experiments" / "first" / "index.md").is_file()
-    assert not (docs / ".render-killed").exists()
+    assert not (tmp_path / ".docs.staging-killed").exists()
     shutil.rmtree(results / "first")
     _run(results, _spec("second"), "completed", 0.1, 0.1)
-    render_site(results, docs)
+    render_site(results, docs, draw)
     assert not (docs / "experiments" / "first").exists()
     assert (docs / "experiments" / "second" / "index.md").is_file()
     assert (docs / "assets" / "extra.css").read_text() == "keep" and outside.read_text() == "keep"
@@ -427,17 +445,17 @@ def test_failed_render_leaves_previous_pages(tmp_path, monkeypatch) -> None:
     results = tmp_path / "results"
     _run(results, _spec("first"), "completed", 0.1, 0.1)
     docs = tmp_path / "docs"
-    render_site(results, docs)
+    render_site(results, docs, draw)
     before = _pages(docs)
 
     def boom(*a, **k):
         raise RuntimeError("template exploded")
 
-    monkeypatch.setattr(site, "_render_insights", boom)
+    monkeypatch.setattr(views, "reading", boom)
     with pytest.raises(RuntimeError):
-        render_site(results, docs)
+        render_site(results, docs, draw)
     assert _pages(docs) == before
-    assert not [p for p in docs.iterdir() if p.name.startswith(".")]
+    assert not list(tmp_path.glob(".docs.staging-*"))
 
 
 def test_refuses_docs_dir_that_looks_like_a_project_root(tmp_path) -> None:
@@ -445,29 +463,37 @@ def test_refuses_docs_dir_that_looks_like_a_project_root(tmp_path) -> None:
     project.mkdir()
     (project / "pyproject.toml").write_text("")
     with pytest.raises(SiteError, match="project root"):
-        render_site(tmp_path / "results", project)
+        render_site(tmp_path / "results", project, draw)
     with pytest.raises(SiteError, match="contains the results folder"):
-        render_site(tmp_path / "results", tmp_path)
+        render_site(tmp_path / "results", tmp_path, draw)
     assert [p.name for p in project.iterdir()] == ["pyproject.toml"]
 
 
-def test_histogram_constants_match_runner_stats() -> None:
-    stats = pytest.importorskip("runner.stats")  # imports torch: shared with the other test modules
-    assert (site.HIST_BINS, site.HIST_RANGE) == (stats.HIST_BINS, tuple(stats.HIST_RANGE))
+def _spec_file(folder: Path, name: str, **raw) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({"group": "architecture", "axis": "norm",
+                                                         "suites": ["smoke"], **raw}))
 
 
-def test_specs_select_order_and_mark_missing_and_stale(tmp_path) -> None:
+def test_every_spec_is_listed_and_stale_runs_are_marked(tmp_path) -> None:
     results = tmp_path / "results"
-    ran = _spec("ran", title="Old title")
-    _run(results, ran, "completed", 0.1, 0.1)
-    changed = _spec("ran", title="New title", train={"lr": 5e-4})  # new hash: results are stale
-    render_site(results, tmp_path / "docs", specs=[_spec("pending"), changed])
+    _run(results, _spec("ran", title="Old title"), "completed", 0.1, 0.1)
+    experiments = tmp_path / "experiments"
+    _spec_file(experiments, "pending", title="Pending")
+    _spec_file(experiments, "ran", title="New title", train={"lr": 5e-4})  # new hash: results are stale
+    files = views.spec_files(experiments, tmp_path)
+    assert [f.path for f in files] == ["experiments/pending.yaml", "experiments/ran.yaml"]
+    render_site(results, tmp_path / "docs", draw, spec_files=files)
     table = (tmp_path / "docs" / "experiments" / "index.md").read_text()
     assert table.index("<td>pending</td>") < table.index('<a href="ran/index.html">ran</a>')
-    assert '<td class="status">not run</td>' in table and "completed (stale)" in table
+    assert "not run<br><code>python -m runner run experiments/pending.yaml --profile smoke</code>" in table
+    assert "completed (stale)" in table
     page = (tmp_path / "docs" / "experiments" / "ran" / "index.md").read_text()
     assert "# New title" in page and "Stale results" in page
     assert "<tr><td><code>train.lr</code></td><td>0.001</td></tr>" in page  # what actually ran
+    _spec_file(experiments, "ran", title="New title only")  # text changes do not change the hash
+    render_site(results, tmp_path / "docs", draw, spec_files=views.spec_files(experiments, tmp_path))
+    assert "(stale)" not in (tmp_path / "docs" / "experiments" / "index.md").read_text()
 
 
 def test_insight_pages_for_runs_in_two_groups(tmp_path) -> None:
@@ -475,7 +501,7 @@ def test_insight_pages_for_runs_in_two_groups(tmp_path) -> None:
     _run(results, _spec("arch-a", axis="norm"), "completed", 0.2, 0.25, std_peak=1.2, charts=True)
     hyper = _spec("hyper-b", group="hyperparameters", axis="learning rate", train={"lr": 1e-4})
     _run(results, hyper, "completed", 0.3, 0.35, std_peak=80.0, charts=True)
-    render_site(results, tmp_path / "docs")
+    render_site(results, tmp_path / "docs", draw)
     insights = tmp_path / "docs" / "insights"
     index = (insights / "index.md").read_text()
     for page in ("summary", "architecture", "hyperparameters", "reading"):
@@ -487,8 +513,8 @@ def test_insight_pages_for_runs_in_two_groups(tmp_path) -> None:
     assert "# Hyperparameter insights" in hyp and "## learning rate { #learning-rate }" in hyp
     assert "Only one run on learning rate so far (hyper-b)" in hyp
     for page in (arch, hyp):  # the scale the statements hold at
-        assert "of the smoke profile on 160 latents (144 for training), 1 epoch, 6 optimiser steps" in page
-    for kind in site.INSIGHT_KINDS:
+        assert "of the smoke profile on 160 latents, 1 epoch, 6 optimiser steps" in page
+    for kind in views.INSIGHT_KINDS:
         assert f"](charts/hyperparameters-learning-rate-{kind}.png)" in hyp
         assert (insights / "charts" / f"hyperparameters-learning-rate-{kind}.png").is_file()
     summary = (insights / "summary.md").read_text()
@@ -501,7 +527,7 @@ def test_insight_pages_for_runs_in_two_groups(tmp_path) -> None:
 
 
 def test_insight_pages_without_runs_say_so(tmp_path) -> None:
-    render_site(tmp_path / "none", tmp_path / "docs")
+    render_site(tmp_path / "none", tmp_path / "docs", draw)
     insights = tmp_path / "docs" / "insights"
     for group in ("architecture", "hyperparameters"):
         assert "No runs in this group yet" in (insights / f"{group}.md").read_text()
@@ -511,7 +537,7 @@ def test_insight_pages_without_runs_say_so(tmp_path) -> None:
     # One group empty, the other not: only the empty one says so, and it states no scale.
     results = tmp_path / "results"
     _run(results, _spec("only-arch"), "completed", 0.2, 0.2, std_peak=1.2)
-    render_site(results, tmp_path / "docs")
+    render_site(results, tmp_path / "docs", draw)
     hyp = (insights / "hyperparameters.md").read_text()
     assert "No runs in this group yet" in hyp and "Measured on" not in hyp
     assert "No runs in this group yet" not in (insights / "architecture.md").read_text()
@@ -610,10 +636,10 @@ def test_mkdocs_build_strict_and_links_resolve(built) -> None:
 
 
 def test_spec_page_notes_say_what_fields_do_to_the_model() -> None:
-    from runner.models import CONV_FLAG_NOTE
+    from runner.model_notes import CONV_FLAG_NOTE
     from runner.spec import from_seed_name
 
-    with_conv = site._model_notes(from_seed_name("(32,64,64,128)_(DAAA)_Conv_Lr1e-3_10k_5e"))
-    plain = site._model_notes(from_seed_name("(32,64,64,128)_(DAAA)_Lr1e-3_10k_5e"))
+    with_conv = model_notes(from_seed_name("(32,64,64,128)_(DAAA)_Conv_Lr1e-3_10k_5e"))
+    plain = model_notes(from_seed_name("(32,64,64,128)_(DAAA)_Lr1e-3_10k_5e"))
     assert CONV_FLAG_NOTE in with_conv and CONV_FLAG_NOTE not in plain
     assert "integer" in plain[0].lower() or "ddim" in plain[0].lower(), plain[0]

@@ -157,16 +157,17 @@ def test_save_load_round_trip(model, batch, tmp_path):
     path = st.save(tmp_path / "stats.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]  # no temp file left behind
     got, want = load_stats(path), st.to_numpy()
-    assert got["names"] == want["names"] and all(isinstance(n, str) for n in got["names"])
+    assert list(got.names) == want["names"] and all(isinstance(n, str) for n in got.names)
+    np.testing.assert_array_equal(got.steps, np.arange(len(want["mean"])))  # one row per optimiser step
     for k in ("mean", "std", "hist"):
-        np.testing.assert_array_equal(got[k], want[k])
-        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(getattr(got, k), want[k])
+        assert getattr(got, k).dtype == want[k].dtype
 
 
 def test_empty_stats_save(model, tmp_path):
     st = ActivationStats(model)
     d = load_stats(st.save(tmp_path / "s.npz"))
-    assert d["mean"].shape == (0, len(st.names)) and d["hist"].shape == (len(st.names), HIST_BINS, 0)
+    assert d.mean.shape == (0, len(st.names)) and d.hist.shape == (len(st.names), HIST_BINS, 0)
 
 
 def test_dead_share_is_bin_zero_over_total():

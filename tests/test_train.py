@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runner.spec import build_spec
-from runner.stats import load_stats
+from runner.statsfile import load_stats
 from runner.train import (
     DivergenceGuard,
     PrecisionError,
@@ -59,8 +59,8 @@ def test_run_folder_holds_metrics_stats_and_resolved_spec(tmp_path):
     assert len(metrics["batches"]["lr"]) == len(metrics["batches"]["grad_norm"]) == metrics["steps_completed"]
     stats = load_stats(tmp_path / "stats.npz")
     # One recorded step per training batch; validation forwards are not recorded.
-    assert stats["mean"].shape[0] == metrics["steps_completed"] == 6
-    assert stats["hist"].shape[2] == 6 and len(stats["names"]) == stats["mean"].shape[1] > 0
+    assert stats.mean.shape[0] == metrics["steps_completed"] == 6
+    assert stats.hist.shape[2] == 6 and len(stats.names) == stats.mean.shape[1] > 0
     assert result.metrics["final"]["valid_loss"] == epoch["valid_loss"]
 
 
@@ -82,7 +82,7 @@ def test_huge_learning_rate_is_marked_diverged_and_keeps_its_stats(tmp_path):
         or bad > spec.train.divergence_factor * min(m["batches"]["loss"][:1])
     )
     stats = load_stats(tmp_path / "stats.npz")
-    assert stats["mean"].shape[0] == m["steps_completed"]
+    assert stats.mean.shape[0] == m["steps_completed"]
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
