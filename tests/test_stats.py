@@ -235,7 +235,11 @@ def by_bucket_numpy(acts: np.ndarray, t: np.ndarray, edges: np.ndarray) -> dict[
     return out
 
 
-def test_buckets_equal_an_independent_per_sample_computation(model, batch8, one_thread):
+@pytest.mark.parametrize("bincount", [True, False], ids=["bincount", "histc"])
+def test_buckets_equal_an_independent_per_sample_computation(
+    model, batch8, bincount, monkeypatch, one_thread
+):
+    monkeypatch.setattr(stats_mod, "_prefer_bincount", lambda device: bincount)  # False: the CUDA code path
     x, t = batch8
     with ActivationStats(model, modules="resnets+attention") as st, torch.no_grad():
         st.set_timesteps(t)
