@@ -19,9 +19,9 @@ By diffusion timestep: hand the recorder each batch's t, normalised to [0, 1], b
 (``st.set_timesteps(t)``); every module's mean, std and dead share are then also split over
 ``timestep_buckets`` equal-width buckets of t (edges ``bucket_edges``). Each sample's mean, variance
 and dead count are reduced on the device and scattered into its bucket (index_add), then pooled:
-a bucket's mean and std are those of all its samples' elements together, exactly as if the batch
-had been cut into buckets before the forward, and its dead share is the lowest histogram bin over
-the histogram total, as ``dead_share``. A bucket without a sample at a step is NaN (count 0).
+a bucket's mean and std (ddof 1) are those of all its samples' elements taken together, and its
+dead share is the lowest histogram bin over the histogram total, as ``dead_share``. A bucket
+without a sample at a step is NaN (count 0).
 """
 
 from __future__ import annotations
