@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RUNNING_GAP_LIMIT", "LargestGap", "largest_running_gap", "running_gap"]
+__all__ = ["RUNNING_GAP_LIMIT", "LargestGap", "gap_series", "largest_running_gap", "running_gap"]
 
 # A running mean half a validation std off, or a running variance e^0.5 = 1.65 times off (either
 # way), changes a layer's evaluation output by about as much as the layer's own spread: beyond noise
@@ -84,3 +84,18 @@ def largest_running_gap(epochs: Sequence[Mapping[str, Any]]) -> LargestGap | Non
             value, layer, stat = max(found, key=lambda f: f[0])
             return LargestGap(value, layer, stat, int(entry["epoch"]))
     return None
+
+
+def gap_series(epochs: Sequence[Mapping[str, Any]]) -> tuple[list[int], dict[str, dict[str, list[float]]]]:
+    """For a chart: the epochs with a ``bn_running_gap`` and, per layer, its "mean" and "var" gap at each
+    (NaN where that epoch did not record the layer or recorded null), layers in first-seen order."""
+    rows = [(int(e["epoch"]), e["bn_running_gap"]) for e in epochs if e.get("bn_running_gap")]
+    layers = list(dict.fromkeys(layer for _, gaps in rows for layer in gaps))
+
+    def value(gaps: Mapping[str, Any], layer: str, stat: str) -> float:
+        v = (gaps.get(layer) or {}).get(stat)
+        return float(v) if v is not None else float("nan")
+
+    series = {layer: {stat: [value(g, layer, stat) for _, g in rows] for stat in ("mean", "var")}
+              for layer in layers}
+    return [n for n, _ in rows], series

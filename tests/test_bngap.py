@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from runner.bngap import RUNNING_GAP_LIMIT, LargestGap, largest_running_gap, running_gap
+from runner.bngap import RUNNING_GAP_LIMIT, LargestGap, gap_series, largest_running_gap, running_gap
 from runner.spec import build_spec
 from runner.stats import load_stats
 from runner.train import BatchNormInputs, batch_statistics, train
@@ -82,6 +82,10 @@ def test_largest_gap_takes_the_last_epoch_with_a_finite_gap():
     assert not largest_running_gap(healthy).mismatch
     assert largest_running_gap([{"epoch": 1, "bn_running_gap": None}]) is None
     assert largest_running_gap([]) is None
+    numbers, series = gap_series([*epochs, {"epoch": 4, "bn_running_gap": None}])
+    assert numbers == [1, 2, 3] and list(series) == ["a", "b"]
+    assert series["a"]["mean"][:2] == [3.0, 0.2] and math.isnan(series["a"]["mean"][2])
+    assert math.isnan(series["b"]["var"][0]) and series["b"]["var"][1] == 0.7
 
 
 def test_training_run_records_gaps_per_epoch_and_timestep_buckets(tmp_path, one_thread):
