@@ -16,6 +16,11 @@ bincount histogram against ``torch.histc`` inside the same recorder, with and wi
 timestep buckets, and the naive hook's work. The target: buckets/none at most 1.05.
 
     .venv/bin/python benchmarks/stats_overhead.py [--rounds 5 --steps 4 --warmup 2]
+
+Measured 2026-12-01 on a 2-core CPU machine shared with other work, --threads 1 --rounds 6 --steps 2
+--conditions ours,buckets, three runs: buckets/none 0.997, 1.035, 1.032 (median step), 1.032,
+1.076, 1.042 (fastest step); single rounds ranged 0.79-1.44 (load noise). The statistics alone with
+buckets took 72-95 ms per step, 1.7-2.0 % of the fastest no-stats step (without buckets 1.4-1.5 %).
 """
 
 from __future__ import annotations
