@@ -76,6 +76,12 @@ class Noiser:
             return self._ddim(x0, generator)
         return self._cosine(x0, generator)
 
+    def unit_time(self, t_model: torch.Tensor) -> torch.Tensor:
+        """The model's t mapped back onto the training t range normalised to [0, 1] (float32): the
+        cosine t itself, or the DDIM step over num_train_timesteps. Statistics bucket samples by it."""
+        scale = self.spec.num_train_timesteps if self.scheduler is not None else self.t_factor
+        return t_model.float() / scale
+
     def _cosine(self, x0: torch.Tensor, g: torch.Generator | None):
         n = x0.shape[0]
         # t first, then noise: the course's order of draws.

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from runner import __version__
+from runner.bngap import running_gap
 from runner.data import BatchLoader, load_splits
 from runner.faults import kill_point
 from runner.files import write_json, write_text
@@ -119,6 +120,56 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.load_state_dict(state)
             m.momentum = momentum
             m.eval()
+
+
+class BatchNormInputs:
+    """Per-channel statistics of every BatchNorm layer's input, from forward pre-hooks; a context manager.
+
+    Inside the block each forward adds, per layer, the batch's per-channel mean and unbiased variance
+    (what BatchNorm computes for its running update), weighted by elements per channel; all on the
+    device, read once by ``gaps()``. The hooks live exactly as long as the block.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = {n: m for n, m in model.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        self._sums: dict[str, list[Any]] = {}  # name -> [sum n*mean, sum n*var, sum n]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> BatchNormInputs:
+        try:
+            for name, bn in self.layers.items():
+                self._handles.append(bn.register_forward_pre_hook(self._hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _hook(self, name: str):
+        @torch.no_grad()
+        def hook(module: nn.Module, args: Any) -> None:
+            x = args[0].detach().float()
+            n = x.numel() // x.shape[1]
+            var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=1)
+            acc = self._sums.setdefault(name, [0.0, 0.0, 0])
+            acc[0] = acc[0] + n * mean
+            acc[1] = acc[1] + n * var
+            acc[2] += n
+
+        return hook
+
+    def gaps(self) -> dict[str, dict[str, float]]:
+        """{layer: {"mean", "var"}}: ``runner.bngap.running_gap`` of each layer that saw an input."""
+        out = {}
+        for name, (s_mean, s_var, n) in self._sums.items():
+            bn = self.layers[name]
+            out[name] = running_gap(bn.running_mean.cpu().numpy(), bn.running_var.cpu().numpy(),
+                                    (s_mean / n).cpu().numpy(), (s_var / n).cpu().numpy(), bn.eps)
+        return out
 
 
 class DivergenceGuard:
@@ -305,6 +356,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
         tic = time.perf_counter()
         for xb in loader:
             (xt, tt), noise = noiser(xb, gen)
+            stats.set_timesteps(noiser.unit_time(tt))  # statistics by timestep bucket, for this forward
             with _autocast(device, amp):
                 pred = model(xt, tt)
             loss = F.mse_loss(pred.float(), noise)
@@ -389,10 +441,12 @@ def _trim_steps(stats: dict[str, Any], last_step: int | None) -> dict[str, Any]:
 def _validate(run: _Run, model, valid_loader, noiser, amp, has_bn: bool, epoch: int, first_step: int) -> None:
     model.eval()
     valid = evaluate(model, valid_loader, noiser, amp)
-    valid_bs = None
+    valid_bs = bn_gap = None
     if has_bn:
-        with batch_statistics(model):
+        # The batch-statistics pass also measures each layer's input: running vs validation statistics.
+        with batch_statistics(model), BatchNormInputs(model) as bn_inputs:
             valid_bs = evaluate(model, valid_loader, noiser, amp)
+        bn_gap = bn_inputs.gaps()
     if not math.isfinite(valid) or (valid_bs is not None and not math.isfinite(valid_bs)):
         run.status, run.diverged_at = "diverged", len(run.losses) - 1
     epoch_losses = [x for x in run.losses[first_step:] if math.isfinite(x)]
@@ -403,5 +457,6 @@ def _validate(run: _Run, model, valid_loader, noiser, amp, has_bn: bool, epoch: 
             "train_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
             "valid_loss": valid,
             "valid_loss_batch_stats": valid_bs,
+            "bn_running_gap": bn_gap,
         }
     )

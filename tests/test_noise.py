@@ -107,3 +107,20 @@ def test_keeps_input_dtype(x0):
     assert x_t.dtype == t.dtype == noise.dtype == torch.float64
     (x_t, _), noise = Noiser(NoiseSpec(schedule="ddim"), "diffusers")(x, gen(9))
     assert x_t.dtype == noise.dtype == torch.float64
+
+
+@pytest.mark.parametrize(("schedule", "timestep_input"),
+                         [("cosine", "raw"), ("cosine", "scaled"), ("ddim", "raw")])
+def test_unit_time_maps_the_model_t_back_to_0_1(x0, schedule, timestep_input):
+    noiser = Noiser(NoiseSpec(schedule=schedule, timestep_input=timestep_input), "diffusers")
+    g = gen(3)
+    (_, t_model), _ = noiser(x0.repeat(64, 1, 1, 1), g)
+    unit = noiser.unit_time(t_model)
+    assert unit.dtype == torch.float32 and unit.min() >= 0 and unit.max() < 1
+    # The same draw as the noiser's: t first (cosine), or the integer step (ddim).
+    g = gen(3)
+    if schedule == "cosine":
+        want = torch.rand(len(unit), generator=g).clamp(0, 0.999)
+    else:
+        want = torch.randint(0, 1000, (len(unit),), generator=g).float() / 1000
+    torch.testing.assert_close(unit, want)

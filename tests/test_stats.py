@@ -12,7 +12,7 @@ from torch import nn
 from runner import stats as stats_mod
 from runner.models import build, is_attention_block, is_residual_block
 from runner.spec import build_spec
-from runner.stats import HIST_BINS, HIST_RANGE, ActivationStats, dead_share, load_stats
+from runner.stats import HIST_BINS, HIST_RANGE, ActivationStats, dead_share, load_stats, save_stats
 
 LATENTS = Path(__file__).resolve().parents[1] / "data/lsun_bedroom_10k/latents_nonorm_f16.npy"
 
@@ -206,3 +206,122 @@ def test_tuple_output_uses_first_element():
     with ActivationStats(net, modules=["0"]) as st:
         net(x)
     assert st.to_numpy()["mean"][0, 0] == pytest.approx(7.0)
+
+
+# ---------------------------------------------------------------- statistics by timestep bucket
+
+# Samples in buckets [0, .25): 2, [.25, .5): 3, [.5, .75): none, [.75, 1]: 3 (edges and t = 1 included).
+BUCKET_T = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.49, 0.75, 0.99, 1.0])
+
+
+@pytest.fixture(scope="module")
+def batch8() -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = torch.from_numpy(np.load(LATENTS, mmap_mode="r")[:8].astype(np.float32)) * 0.2
+    return x0 + torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), BUCKET_T
+
+
+def by_bucket_numpy(acts: np.ndarray, t: np.ndarray, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Independent oracle: cut the batch into buckets of t and reduce each bucket's elements in float64."""
+    k = len(edges) - 1
+    out = {key: np.full(k, np.nan) for key in ("mean", "std", "dead")}
+    out["count"] = np.zeros(k, np.int64)
+    for i in range(k):
+        upper = t <= edges[i + 1] if i == k - 1 else t < edges[i + 1]
+        sel = acts[(t >= edges[i]) & upper].astype(np.float64)
+        out["count"][i] = len(sel)
+        if len(sel):
+            out["mean"][i], out["std"][i] = sel.mean(), sel.std(ddof=1)
+            a = np.abs(sel)
+            out["dead"][i] = (a < 0.25).sum() / (a <= 10).sum()
+    return out
+
+
+@pytest.mark.parametrize("bincount", [True, False], ids=["bincount", "histc"])
+def test_buckets_equal_an_independent_per_sample_computation(
+    model, batch8, bincount, monkeypatch, one_thread
+):
+    monkeypatch.setattr(stats_mod, "_prefer_bincount", lambda device: bincount)  # False: the CUDA code path
+    x, t = batch8
+    with ActivationStats(model, modules="resnets+attention") as st, torch.no_grad():
+        st.set_timesteps(t)
+        model(x, t)
+    direct = capture(model, st.names, x, t)
+    d = st.to_numpy()
+    k = 4
+    np.testing.assert_array_equal(d["bucket_edges"], [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert d["bucket_edges"].dtype == np.float64
+    assert d["bucket_mean"].shape == d["bucket_std"].shape == d["bucket_dead"].shape == (1, len(st.names), k)
+    assert d["bucket_mean"].dtype == np.float32 and d["bucket_count"].shape == (1, k)
+    np.testing.assert_array_equal(d["bucket_count"][0], [2, 3, 0, 3])
+    dead_seen = []
+    for j, name in enumerate(st.names):
+        want = by_bucket_numpy(direct[name].numpy(), t.numpy(), d["bucket_edges"])
+        np.testing.assert_array_equal(d["bucket_count"][0], want["count"])
+        for key in ("mean", "std", "dead"):
+            got = d[f"bucket_{key}"][0, j]
+            np.testing.assert_allclose(got, want[key], rtol=1e-4, atol=1e-5, err_msg=name)
+        dead_seen.append(want["dead"][0])
+    assert np.isnan(d["bucket_mean"][0, :, 2]).all()  # the empty bucket
+    assert np.nanmax(dead_seen) > 0  # the dead share really was exercised
+    # The buckets differ from each other (noise level matters), and the plain arrays are unchanged.
+    assert not np.allclose(d["bucket_std"][0, :, 0], d["bucket_std"][0, :, 3])
+    for j, name in enumerate(st.names):
+        assert d["mean"][0, j] == pytest.approx(direct[name].mean().item(), abs=1e-5)
+
+
+def test_timesteps_apply_to_one_recorded_forward_only(model, batch8, one_thread):
+    x, t = batch8
+    with ActivationStats(model, chunk_size=2) as st, torch.no_grad():
+        st.set_timesteps(t)
+        model(x, t)
+        model(x, t)  # no set_timesteps: this step has no buckets
+        st.recording = False
+        st.set_timesteps(t)
+        model(x, t)  # validation uses up the timesteps
+        st.recording = True
+        model(x, t)
+        st.set_timesteps(t[:3])
+        model(x[:3], t[:3])  # third step, in the second chunk
+    d = st.to_numpy()
+    assert d["bucket_count"].tolist() == [[2, 3, 0, 3], [0, 0, 0, 0], [0, 0, 0, 0], [2, 1, 0, 0]]
+    assert np.isnan(d["bucket_mean"][1:3]).all() and not np.isnan(d["bucket_mean"][0, :, 0]).any()
+
+
+def test_buckets_survive_chunks_and_files(model, batch8, tmp_path, one_thread):
+    x, t = batch8
+    results = []
+    for chunk in (2, 256):
+        with ActivationStats(model, chunk_size=chunk) as st, torch.no_grad():
+            for i in range(5):
+                st.set_timesteps(t.roll(i))
+                model(x, t.roll(i))
+        results.append(st.to_numpy())
+    small, one = results
+    for key in ("bucket_mean", "bucket_std", "bucket_dead", "bucket_count"):
+        np.testing.assert_array_equal(small[key], one[key])
+    assert small["bucket_count"].sum() == 5 * 8
+    got = load_stats(save_stats(one, tmp_path / "stats.npz"))
+    for key in ("bucket_edges", "bucket_mean", "bucket_std", "bucket_dead", "bucket_count"):
+        np.testing.assert_array_equal(got[key], one[key])
+        assert got[key].dtype == one[key].dtype
+    partial = {k: v for k, v in one.items() if k != "bucket_dead"}
+    with pytest.raises(ValueError, match="all or none"):
+        save_stats(partial, tmp_path / "bad.npz")
+
+
+def test_without_timesteps_no_bucket_arrays(model, batch8, tmp_path):
+    x, t = batch8
+    with ActivationStats(model) as st, torch.no_grad():
+        model(x, t)
+    assert not set(st.to_numpy()) & {"bucket_mean", "bucket_edges"}
+    assert "bucket_mean" not in load_stats(st.save(tmp_path / "s.npz"))
+
+
+def test_set_timesteps_rejects_unnormalised_or_misshapen_t(model):
+    st = ActivationStats(model)
+    with pytest.raises(ValueError, match=r"normalised to \[0, 1\].*999"):
+        st.set_timesteps(torch.tensor([0.5, 999.0]))
+    with pytest.raises(ValueError, match="1-D float"):
+        st.set_timesteps(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="1-D float"):
+        st.set_timesteps(torch.rand(2, 2))
