@@ -23,7 +23,7 @@ def test_validate_prints_one_line_per_valid_file_and_exits_0(tmp_path, capsys):
 
 def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
     good = tmp_path / "good.yaml"
-    good.write_text("")
+    good.write_text("title: good\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {batch_sise: 8}\n")
     assert main(["validate", str(good), str(bad)]) == 2
