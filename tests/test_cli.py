@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
-import yaml
+import pytest
 
 from runner.cli import main
-from runner.spec import Spec
+from runner.spec import from_seed_name, load_spec
 
 
 def test_validate_prints_one_line_per_valid_file_and_exits_0(tmp_path, capsys):
@@ -32,12 +33,28 @@ def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
     assert "bad.yaml" in out.err and "did you mean 'batch_size'" in out.err
 
 
-def test_seed_name_prints_a_resolved_spec(capsys):
+def test_seed_name_prints_a_spec_file_that_validates(tmp_path, capsys):
     name = "(32,32,64,64,128)_(DAAAA)_InitXavierNormRelu_Conv_BN_Bs16_Lr2e-4_10k_60e"
     assert main(["seed-name", name]) == 0
-    spec = Spec.model_validate(yaml.safe_load(capsys.readouterr().out))
-    assert spec.seed_name() == name
-    assert main(["seed-name", "not-a-name"]) == 2
+    out = capsys.readouterr().out
+    file_name = re.match(r"# Save as (\S+\.yaml)", out).group(1)
+    path = tmp_path / file_name
+    path.write_text(out)
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    spec = load_spec(path)
+    assert spec.seed_name() == name and spec == from_seed_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["not-a-name", "(32,,64)_(DA)", "()_(D)", "(32,64)_()", "(" + "9" * 5000 + ")_(D)",
+     "(32,64)_(DA)_Lr1e999"],
+)
+def test_malformed_seed_names_exit_2_with_one_line(name, capsys):
+    assert main(["seed-name", name]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.strip().splitlines()) == 1 and len(out.err) < 400
+    assert "name" in out.err or "lr" in out.err
 
 
 def test_module_entry_point_runs():
