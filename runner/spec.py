@@ -513,27 +513,37 @@ class _Dumper(yaml.SafeDumper):
     yaml_implicit_resolvers = _Resolver.yaml_implicit_resolvers
 
 
-def _section_at(text: str, line: int) -> str:
-    """The top-level key whose block holds 0-based `line`, to name the field of a syntax error."""
-    for row in reversed(text.split("\n")[: line + 1]):
-        m = re.match(r"([A-Za-z_][A-Za-z0-9_]{0,39})\s*:", row)
-        if m:
-            return m.group(1)
-    return "(top level)"
+_KEY = r"([A-Za-z_][A-Za-z0-9_]{0,39})\s*:"
+
+
+def _field_at(text: str, line: int, column: int) -> str:
+    """The field a YAML error at 0-based (line, column) sits in: its top-level key and, when the error
+    is inside that key's block or flow mapping, the nearest key before it ("train.lr")."""
+    rows = text.split("\n")
+    top = next((m.group(1) for row in reversed(rows[: line + 1]) if (m := re.match(_KEY, row))), None)
+    if top is None:
+        return "(top level)"
+    row = rows[line] if line < len(rows) else ""
+    at = re.match(_KEY, row[column:])  # an error on a key itself (a duplicate) names that key
+    inner = re.findall(_KEY, row[:column]) + ([at.group(1)] if at else [])
+    starts_top = re.match(_KEY, row) is not None
+    nested = inner[1:] if starts_top else inner
+    return f"{top}.{nested[-1]}" if nested else top
 
 
 def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> SpecError:
     if isinstance(e, yaml.reader.ReaderError):
         line = text.count("\n", 0, e.position)
-        return _fail(path, _section_at(text, line), f"line {line + 1}: not valid YAML: {e.reason}")
+        column = e.position - (text.rfind("\n", 0, e.position) + 1)
+        return _fail(path, _field_at(text, line, column), f"line {line + 1}: not valid YAML: {e.reason}")
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = str(getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__)
     # PyYAML's own message quotes the offending lines; only its one-line problem is kept.
-    problem = problem if len(problem) <= 120 and problem.isprintable() else _excerpt(problem)
+    problem = problem if len(problem) <= 200 and problem.isprintable() else _excerpt(problem)
     if mark is None:
         return _fail(path, "(top level)", f"not valid YAML: {problem}")
     where = f"line {mark.line + 1}, column {mark.column + 1}"
-    return _fail(path, _section_at(text, mark.line), f"{where}: not valid YAML: {problem}")
+    return _fail(path, _field_at(text, mark.line, mark.column), f"{where}: not valid YAML: {problem}")
 
 
 def _read_text(path: Path, referrer: Path | None) -> str:
@@ -727,10 +737,12 @@ def build_spec(
     """
     if profile not in PROFILES:
         raise _fail(source, "profile", f"unknown profile {_excerpt(profile)}; expected one of {[*PROFILES]}")
-    raw = _merge(raw, PROFILES[profile])
-    raw["profile"] = profile
+    # The file's own values are checked first, so a profile's size or epochs cannot hide a bad one.
+    stages = [{**raw, "profile": "full"}]
+    if PROFILES[profile]:
+        stages.append({**_merge(raw, PROFILES[profile]), "profile": profile})
     try:
-        spec = Spec.model_validate(raw)
+        spec = [Spec.model_validate(stage) for stage in stages][-1]
     except ValidationError as e:
         raise _validation_error(e, source, origins or {}) from None
     if data_root is not None:

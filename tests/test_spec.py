@@ -341,8 +341,8 @@ def test_deep_nesting_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "body, field",
-    [("train:\n  lr: 1e-3\n  lr: 2e-3\n", "train"), ("title: a\ntitle: b\n", "title"),
-     ("model: {init: default, init: zero_conv2}\n", "model")],
+    [("train:\n  lr: 1e-3\n  lr: 2e-3\n", "train.lr"), ("title: a\ntitle: b\n", "title"),
+     ("model: {init: default, init: zero_conv2}\n", "model.init")],
 )
 def test_duplicate_keys_are_refused(tmp_path, capsys, body, field):
     line = refusal(capsys, write(tmp_path, "dup.yaml", body))
@@ -351,8 +351,8 @@ def test_duplicate_keys_are_refused(tmp_path, capsys, body, field):
 
 @pytest.mark.parametrize(
     "body, field",
-    [("train:\n  batch_size: 010\n", "train"),
-     ("model:\n  block_out_channels: [032, 064, 064, 128]\n", "model"),
+    [("train:\n  batch_size: 010\n", "train.batch_size"),
+     ("model:\n  block_out_channels: [032, 064, 064, 128]\n", "model.block_out_channels"),
      ("train:\n  epochs: 1:30\n", "train.epochs"), ("train:\n  seed: 190:20:30\n", "train.seed")],
 )
 def test_yaml_11_integers_are_refused(tmp_path, capsys, body, field):
@@ -472,3 +472,11 @@ def test_huge_text_and_hostile_keys_stay_on_one_short_line(tmp_path, capsys):
     assert "t.yaml: title:" in line and len(line) < 300
     line = refusal(capsys, write(tmp_path, "k.yaml", '"evil\\nkey\\u2028": 1\n'))
     assert "k.yaml: " in line and "unknown field" in line
+
+
+def test_readme_lists_every_documented_field_with_its_range():
+    from runner.spec import field_reference
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, description in field_reference():
+        assert f"| `{name}` | {description} |" in readme, f"README lacks the row for {name}"
