@@ -433,6 +433,13 @@ class _Loader(
         _Resolver.__init__(self)
         self._depth = 0
 
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # Checked while scanning: deep [[[... makes PyYAML's scanner quadratic before composing starts.
+        if self.flow_level >= MAX_NESTING:
+            mark = self.get_mark()
+            raise yaml.scanner.ScannerError(None, None, f"nested deeper than {MAX_NESTING} levels", mark)
+        super().fetch_flow_collection_start(token_class)
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
