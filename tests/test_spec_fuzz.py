@@ -255,7 +255,9 @@ def test_generated_malformed_specs_are_each_refused_with_one_clean_line():
         _check(case)
         seen[case.kind] += 1
 
+    start = time.monotonic()
     run()
+    print(f"fuzzed {sum(seen.values())} malformed specs in {time.monotonic() - start:.1f} s: {dict(seen)}")
     assert sum(seen.values()) >= MIN_CASES and min(seen.values()) >= 40, seen
 
 
@@ -269,10 +271,8 @@ def test_every_field_is_fuzzed_with_every_kind_of_bad_value():
 
 SUBPROCESS_CASES = [
     ({"specs/spec.yaml": b"extends: /etc/shadow\n"}, "extends"),
-    ({"specs/spec.yaml": b"train: {lr: .inf}\n"}, "train.lr"),
     ({"specs/spec.yaml": b"a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a]\ntitle: *b\n"}, "b"),
     ({"specs/spec.yaml": b"title: caf\xe9\n"}, "(file)"),
-    ({"specs/spec.yaml": b"model: {block_out_channels: [48, 64], blocks: DA}\n"}, "model.block_out_channels"),
 ]
 
 
