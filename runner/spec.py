@@ -702,12 +702,13 @@ _MAX_REPORTED = 4
 
 
 def _validation_error(e: ValidationError, source: Path | str, origins: Origins) -> SpecError:
-    parts = []
+    parts, last = [], None
     for err in e.errors()[:_MAX_REPORTED]:
         loc, text = _describe(err)
         where = _origin(loc, origins, source)
         shown = _shown(where) if isinstance(where, Path) else where
-        parts.append(f"{shown}: {text}")
+        parts.append(text if shown == last else f"{shown}: {text}")  # the file once per run of its errors
+        last = shown
     more = e.error_count() - _MAX_REPORTED
     line = "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
     return SpecError(_one_line(line))
