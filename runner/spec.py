@@ -238,7 +238,7 @@ class TrainSpec(_Section):
         "Items per optimiser step; at most the train split (partial batches are dropped).",
         ge=1, le=4096,
     )
-    lr: FiniteFloat = _number(1e-3, "OneCycleLR max_lr.", gt=0, le=10)
+    lr: FiniteFloat = _number(1e-3, "OneCycleLR max_lr; large values study divergence.", gt=0, le=1e4)
     adam_eps: FiniteFloat = _number(1e-5, "AdamW eps.", gt=0, le=1)
     weight_decay: FiniteFloat = _number(
         0.01,

@@ -400,7 +400,7 @@ OUT_OF_RANGE = [
     ("data.size", 9), ("data.size", 10**24), ("data.scale", 0), ("data.scale", 101), ("data.scale", -1),
     ("model.layers_per_block", 0), ("model.layers_per_block", 9), ("noise.num_train_timesteps", 0),
     ("noise.num_train_timesteps", 100_001), ("train.batch_size", 0), ("train.batch_size", 100_000),
-    ("train.lr", 0), ("train.lr", 10.5), ("train.adam_eps", 0), ("train.adam_eps", 2),
+    ("train.lr", 0), ("train.lr", 10_001), ("train.adam_eps", 0), ("train.adam_eps", 2),
     ("train.weight_decay", -0.1), ("train.weight_decay", 1.5), ("train.epochs", 0), ("train.epochs", 10**24),
     ("train.epochs", 1e24), ("train.seed", -1), ("train.seed", 2**32), ("train.divergence_factor", 1),
     ("train.divergence_factor", 1e7),

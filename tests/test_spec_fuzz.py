@@ -48,7 +48,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "noise.beta_end": (0, 1, True, True),
     "noise.num_train_timesteps": (1, 100_000, False, False),
     "train.batch_size": (1, 4096, False, False),
-    "train.lr": (0, 10, True, False),
+    "train.lr": (0, 10_000, True, False),
     "train.adam_eps": (0, 1, True, False),
     "train.weight_decay": (0, 1, False, False),
     "train.epochs": (1, 10_000, False, False),
