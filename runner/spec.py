@@ -95,8 +95,8 @@ class DataSpec(_Section):
     size: StrictInt = _number(
         10_000,
         "Total items as the originals counted them ('10k' = 9000 train + 1000 valid rows); at most "
-        "what the data folder holds.",
-        ge=10, le=10_000_000,
+        "what the data folder holds, at least 5 so the valid split gets one.",
+        ge=5, le=10_000_000,
     )
     scale: FiniteFloat = _number(
         0.2,

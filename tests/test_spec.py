@@ -397,7 +397,7 @@ def test_non_finite_numbers_are_refused(tmp_path, capsys, field, value):
 
 # Values outside the ranges the README documents, written out here rather than read from the code.
 OUT_OF_RANGE = [
-    ("data.size", 9), ("data.size", 10**24), ("data.scale", 0), ("data.scale", 101), ("data.scale", -1),
+    ("data.size", 4), ("data.size", 10**24), ("data.scale", 0), ("data.scale", 101), ("data.scale", -1),
     ("model.layers_per_block", 0), ("model.layers_per_block", 9), ("noise.num_train_timesteps", 0),
     ("noise.num_train_timesteps", 100_001), ("train.batch_size", 0), ("train.batch_size", 100_000),
     ("train.lr", 0), ("train.lr", 10_001), ("train.adam_eps", 0), ("train.adam_eps", 2),

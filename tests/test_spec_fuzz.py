@@ -40,7 +40,7 @@ CASE_PEAK_BYTES = 32 * 2**20
 # The documented ranges (README "Experiment specs"), written out here, not read from the code:
 # (low, high, low_is_exclusive, high_is_exclusive).
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "data.size": (10, 10_000_000, False, False),
+    "data.size": (5, 10_000_000, False, False),
     "data.scale": (0, 100, True, False),
     "model.layers_per_block": (1, 8, False, False),
     "model.attention_start": (0, 5, False, False),
