@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from runner.spec import PROFILES, SpecError, from_seed_name, load_spec
+from runner.spec import PROFILES, SpecError, from_seed_name, load_spec, seed_spec_fields, seed_spec_yaml
 
 EXIT_BAD_INPUT = 2
 
@@ -32,12 +32,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _seed_name(args: argparse.Namespace) -> int:
+    # Printed as a spec file (no id, no profile), validated first: saved as <id>.yaml it loads as is.
     try:
-        spec = from_seed_name(args.name, args.profile)
+        from_seed_name(args.name, args.profile)
+        spec_id, fields = seed_spec_fields(args.name)
     except SpecError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(spec.to_yaml(), end="")
+    print(f"# Save as {spec_id}.yaml: the file name is the spec's id.")
+    print(seed_spec_yaml(fields), end="")
     return 0
 
 
@@ -116,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     _profile(p, "full")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("seed-name", help="print the spec an original notebook name describes")
+    p = sub.add_parser("seed-name", help="print the spec file an original notebook name describes")
     p.add_argument("name")
     _profile(p, "full")
     p.set_defaults(func=_seed_name)

@@ -7,25 +7,26 @@ how the latents were made). ``runner.encode`` writes the same layout from images
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from runner.files import write_text
+from runner.datafolder import (  # noqa: F401 - re-exported: the data stage's public names
+    DATA_DIR,
+    KEYS_FILE,
+    LATENTS_FILE,
+    STATS_FILE,
+    TRAIN_FRACTION,
+    read_stats,
+    split_ranges,
+    split_sizes,
+)
 from runner.spec import DataSpec
-
-# Found from this file, not the working directory, so notebooks and tests run from anywhere.
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "lsun_bedroom_10k"
-LATENTS_FILE = "latents_nonorm_f16.npy"
-KEYS_FILE = "keys.txt"
-STATS_FILE = "stats.json"
-TRAIN_FRACTION = 0.9
 
 
 class DataError(ValueError):
@@ -38,18 +39,6 @@ class Splits:
 
     train: torch.Tensor
     valid: torch.Tensor
-
-
-def split_sizes(n: int) -> tuple[int, int]:
-    """(train, valid) item counts for a dataset of `n` items: the originals' 90/10 split."""
-    train = round(TRAIN_FRACTION * n)
-    return train, n - train
-
-
-def read_stats(root: str | Path = DATA_DIR) -> dict[str, Any]:
-    """The folder's stats.json as a dict ({} when the folder has none)."""
-    path = Path(root) / STATS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def open_latents(root: str | Path = DATA_DIR) -> np.ndarray:
@@ -99,15 +88,6 @@ def latents_sha256(root: str | Path = DATA_DIR) -> str:
     return digest
 
 
-def _split_ranges(stats: dict[str, Any], n_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    # stats.json stores half-open [start, stop) row ranges; a folder without them splits 90/10.
-    split = stats.get("split")
-    if split:
-        return tuple(split["train"]), tuple(split["valid"])  # type: ignore[return-value]
-    n_train, _ = split_sizes(n_rows)
-    return (0, n_train), (n_train, n_rows)
-
-
 def _encode_hint(n: int, root: Path) -> str:
     out = "" if root == DATA_DIR else f" --out {root}"
     return (
@@ -136,7 +116,7 @@ def load_splits(data_spec: DataSpec, root: str | Path = DATA_DIR) -> Splits:
     root = Path(root)
     stats = read_stats(root)
     latents = open_latents(root)
-    (t0, t1), (v0, v1) = _split_ranges(stats, len(latents))
+    (t0, t1), (v0, v1) = split_ranges(stats, len(latents))
     n_train, n_valid = split_sizes(data_spec.size)
     if n_train > t1 - t0 or n_valid > v1 - v0:
         raise DataError(

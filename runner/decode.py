@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from runner.data import DATA_DIR, KEYS_FILE, DataError, _split_ranges, normalization, open_latents, read_stats
+from runner.data import DATA_DIR, KEYS_FILE, DataError, split_ranges, normalization, open_latents, read_stats
 from runner.files import write_atomic, write_json
 from runner.spec import DataSpec
 
@@ -105,7 +105,7 @@ def _load_pairs(pairs_dir: Path, root: Path) -> dict[str, tuple[torch.Tensor, to
         where = root / KEYS_FILE
         raise DecoderError(f"{pairs_dir}: {len(unknown)} pictures have no row in {where}: {unknown[:3]}")
     latents = open_latents(root)
-    (t0, t1), (v0, v1) = _split_ranges(read_stats(root), len(latents))
+    (t0, t1), (v0, v1) = split_ranges(read_stats(root), len(latents))
     out = {}
     for split, (lo, hi) in (("train", (t0, t1)), ("valid", (v0, v1))):
         chosen = [f for f in files if lo <= row_of[f.stem] < hi]
@@ -185,7 +185,7 @@ def make_pairs(source: str | Path, out_dir: str | Path = PAIRS_DIR, root: str | 
 
     source, out_dir, root = Path(source), Path(out_dir), Path(root)
     keys = (root / KEYS_FILE).read_text().split()
-    (t0, t1), (v0, v1) = _split_ranges(read_stats(root), len(keys))
+    (t0, t1), (v0, v1) = split_ranges(read_stats(root), len(keys))
     have = {p.stem for p in source.glob("*.jpg")}
     train = [k for k in keys[t0:t1] if k in have][:max_train]
     valid = [k for k in keys[v0:v1] if k in have]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from runner.cli import main
-from runner.spec import Spec
+from runner.spec import from_seed_name, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ def test_validate_prints_one_line_per_valid_file_and_exits_0(tmp_path, capsys):
 
 def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
     good = tmp_path / "good.yaml"
-    good.write_text("")
+    good.write_text("title: good\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {batch_sise: 8}\n")
     assert main(["validate", str(good), str(bad)]) == 2
@@ -36,12 +37,28 @@ def test_validate_reports_every_bad_file_and_exits_2(tmp_path, capsys):
     assert "bad.yaml" in out.err and "did you mean 'batch_size'" in out.err
 
 
-def test_seed_name_prints_a_resolved_spec(capsys):
+def test_seed_name_prints_a_spec_file_that_validates(tmp_path, capsys):
     name = "(32,32,64,64,128)_(DAAAA)_InitXavierNormRelu_Conv_BN_Bs16_Lr2e-4_10k_60e"
     assert main(["seed-name", name]) == 0
-    spec = Spec.model_validate(yaml.safe_load(capsys.readouterr().out))
-    assert spec.seed_name() == name
-    assert main(["seed-name", "not-a-name"]) == 2
+    out = capsys.readouterr().out
+    file_name = re.match(r"# Save as (\S+\.yaml)", out).group(1)
+    path = tmp_path / file_name
+    path.write_text(out)
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    spec = load_spec(path)
+    assert spec.seed_name() == name and spec == from_seed_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["not-a-name", "(32,,64)_(DA)", "()_(D)", "(32,64)_()", "(" + "9" * 5000 + ")_(D)",
+     "(32,64)_(DA)_Lr1e999"],
+)
+def test_malformed_seed_names_exit_2_with_one_line(name, capsys):
+    assert main(["seed-name", name]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.strip().splitlines()) == 1 and len(out.err) < 400
+    assert "name" in out.err or "lr" in out.err
 
 
 def test_module_entry_point_runs():

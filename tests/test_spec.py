@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,7 @@ def test_defaults_are_the_originals_first_diffusers_run(tmp_path):
 
 
 def test_spec_is_immutable(tmp_path):
-    spec = load_spec(write(tmp_path, "a.yaml", ""))
+    spec = load_spec(write(tmp_path, "a.yaml", "title: t\n"))
     with pytest.raises(ValidationError):
         spec.train.lr = 5.0  # type: ignore[misc]
 
@@ -122,9 +124,10 @@ ORIGINAL_NAMES = [
 
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)
 def test_seed_name_round_trip(name):
-    spec = from_seed_name(f"image_generator_{name}.ipynb")
+    # data_root=None: the 100k names describe more latents than the bundled folder holds.
+    spec = from_seed_name(f"image_generator_{name}.ipynb", data_root=None)
     assert spec.seed_name() == name
-    assert from_seed_name(name) == spec
+    assert from_seed_name(name, data_root=None) == spec
 
 
 def test_seed_name_tokens_mean_what_the_originals_meant():
@@ -161,6 +164,14 @@ def test_seed_name_more_latents_than_bundled_is_a_valid_spec():
     assert from_seed_name(ORIGINAL_NAMES[1]).data.size == 100_000
 
 
+def test_seed_name_more_latents_than_the_data_folder_holds_is_refused():
+    with pytest.raises(SpecError) as info:
+        from_seed_name(ORIGINAL_NAMES[1])
+    msg = str(info.value)
+    assert "data.size" in msg and "100000" in msg and "9000 + 1000" in msg and "\n" not in msg
+    assert from_seed_name(ORIGINAL_NAMES[1], "quick").data.size == PROFILES["quick"]["data"]["size"]
+
+
 @pytest.mark.parametrize(
     "name, fragment",
     [
@@ -193,7 +204,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ("train:\n  lr: fast\n", "train.lr", "valid number"),
         ("train:\n  lr: -1e-3\n", "train.lr", "greater than 0"),
         ("train:\n  lr: 0\n", "train.lr", "greater than 0"),
-        ("train:\n  batch_size: 0\n", "train.batch_size", "greater than 0"),
+        ("train:\n  batch_size: 0\n", "train.batch_size", "greater than or equal to 1"),
         ("train:\n  batch_size: 3.5\n", "train.batch_size", "valid integer"),
         ("train:\n  batch_size: '32'\n", "train.batch_size", "valid integer"),
         ("train:\n  lr: true\n", "train.lr", "valid number"),
@@ -241,7 +252,7 @@ def test_unsafe_ids_are_rejected(tmp_path, stem):
 
 
 def test_unknown_profile(tmp_path):
-    assert "unknown profile 'huge'" in error_of(write(tmp_path, "p.yaml", ""), "huge")
+    assert "unknown profile 'huge'" in error_of(write(tmp_path, "p.yaml", "title: t\n"), "huge")
 
 
 def test_build_spec_rejects_unsafe_id():
@@ -303,3 +314,241 @@ def test_each_ablation_axis_varies_one_field():
         changed = {k for f in flats for k in f if len({repr(g[k]) for g in flats}) > 1}
         assert len(members) >= 2 and len(changed) == 1, (axis, changed)
         assert len({repr(f[next(iter(changed))]) for f in flats}) == len(members), f"{axis}: repeated value"
+
+
+# ---------------------------------------------------------------- hostile and careless input (issue 10)
+#
+# Each case goes through the CLI as a user would run it: exit 2, one line on stderr naming the file
+# that holds the bad line and the field, nothing on stdout, and nothing quoted from foreign files.
+
+SECRET = "SECRET_MARKER_x9"
+
+
+def refusal(capsys, path: Path, profile: str = "full") -> str:
+    from runner.cli import main
+
+    assert main(["validate", "--profile", profile, str(path)]) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert out.out == "" and len(lines) == 1, out.err
+    assert "Traceback" not in out.err and len(lines[0]) < 500
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "target", ["/etc/shadow", "../../../../etc/passwd", "/dev/null", "", "   ", "../outside.yaml",
+               "../../../../../../etc/outside.yaml", "sub", "/proc/self/environ"]
+)
+def test_extends_reaches_only_yaml_files_inside_allowed_folders(tmp_path, capsys, target):
+    (tmp_path / "outside.yaml").write_text(f"title: {SECRET}\n")
+    (tmp_path / "specs" / "sub").mkdir(parents=True)
+    spec = write(tmp_path / "specs", "child.yaml", f"extends: '{target}'\ntitle: t\n")
+    line = refusal(capsys, spec)
+    assert line.startswith(f"{spec}: extends:") and SECRET not in line
+
+
+def test_extends_through_a_symlink_out_of_the_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "outside.yaml").write_text(f"title: {SECRET}\n")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "_base.yaml").symlink_to(tmp_path / "outside.yaml")
+    line = refusal(capsys, write(tmp_path / "specs", "child.yaml", "extends: _base.yaml\n"))
+    assert "extends" in line and "outside" in line and SECRET not in line
+
+
+def test_extends_may_reach_the_experiments_tree(tmp_path):
+    base = Path(__file__).resolve().parent.parent / "experiments" / "_diffusers.yaml"
+    spec = load_spec(write(tmp_path, "mine.yaml", f"extends: {base}\ntrain: {{lr: 2e-4}}\n"))
+    assert spec.model.blocks == "DAAA" and spec.train.lr == 2e-4
+
+
+def test_missing_parent_names_the_file_that_refers_to_it(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub", "_mid.yaml", "extends: gone.yaml\ntitle: mid\n")
+    line = refusal(capsys, write(tmp_path, "top.yaml", "extends: sub/_mid.yaml\n"))
+    assert line.startswith(f"{tmp_path / 'sub' / '_mid.yaml'}: extends: no such spec file 'gone.yaml'")
+
+
+def test_syntax_error_in_a_parent_names_the_parent_and_quotes_none_of_its_lines(tmp_path, capsys):
+    write(tmp_path, "_base.yaml", f"title: ok\ntrain: [1, 2  # {SECRET}\n")
+    line = refusal(capsys, write(tmp_path, "child.yaml", "extends: _base.yaml\n"))
+    assert line.startswith(f"{tmp_path / '_base.yaml'}: train: line 3") and "not valid YAML" in line
+    assert SECRET not in line
+
+
+def test_bad_value_in_a_parent_names_the_parent(tmp_path, capsys):
+    write(tmp_path, "_base.yaml", "train: {lr: .inf}\n")
+    line = refusal(capsys, write(tmp_path, "child.yaml", "extends: _base.yaml\ntrain: {epochs: 2}\n"))
+    assert line.startswith(f"{tmp_path / '_base.yaml'}: train.lr:") and "finite" in line
+
+
+def test_directory_non_utf8_and_oversized_files(tmp_path, capsys):
+    (tmp_path / "dir.yaml").mkdir()
+    assert "is a directory" in refusal(capsys, tmp_path / "dir.yaml")
+    (tmp_path / "latin.yaml").write_bytes(b"title: caf\xe9\n")
+    assert "not UTF-8" in refusal(capsys, tmp_path / "latin.yaml")
+    (tmp_path / "big.yaml").write_text("notes: " + "x" * 70_000 + "\n")
+    assert "at most 65536 bytes" in refusal(capsys, tmp_path / "big.yaml")
+    assert "no such spec file" in refusal(capsys, tmp_path / "absent.yaml")
+
+
+def test_extends_chain_of_1100_files_is_refused_without_recursion(tmp_path, capsys):
+    for i in range(1100):
+        write(tmp_path, f"_c{i}.yaml", f"extends: _c{i + 1}.yaml\ntitle: level {i}\n")
+    line = refusal(capsys, write(tmp_path, "deep.yaml", "extends: _c0.yaml\n"))
+    assert "extends: more than 16 files" in line
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path, capsys):
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    rows += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    start = time.monotonic()
+    line = refusal(capsys, write(tmp_path, "bomb.yaml", "\n".join(rows) + "\ntitle: *i\n"))
+    assert "aliases" in line and time.monotonic() - start < 5
+
+
+def test_deep_nesting_is_refused(tmp_path, capsys):
+    body = "title: " + "[" * 5000 + "]" * 5000
+    assert "nested deeper" in refusal(capsys, write(tmp_path, "deep.yaml", body))
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [("train:\n  lr: 1e-3\n  lr: 2e-3\n", "train.lr"), ("title: a\ntitle: b\n", "title"),
+     ("model: {init: default, init: zero_conv2}\n", "model.init")],
+)
+def test_duplicate_keys_are_refused(tmp_path, capsys, body, field):
+    line = refusal(capsys, write(tmp_path, "dup.yaml", body))
+    assert f"dup.yaml: {field}:" in line and "duplicate key" in line
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [("train:\n  batch_size: 010\n", "train.batch_size"),
+     ("model:\n  block_out_channels: [032, 064, 064, 128]\n", "model.block_out_channels"),
+     ("train:\n  epochs: 1:30\n", "train.epochs"), ("train:\n  seed: 190:20:30\n", "train.seed")],
+)
+def test_yaml_11_integers_are_refused(tmp_path, capsys, body, field):
+    line = refusal(capsys, write(tmp_path, "octal.yaml", body))
+    assert f"octal.yaml: {field}" in line
+
+
+def test_yaml_12_reads_text_as_text(tmp_path):
+    spec = load_spec(write(tmp_path, "words.yaml", "title: yes\nnotes: 1:30\ngroup: on\naxis: '010'\n"))
+    assert (spec.title, spec.notes, spec.group, spec.axis) == ("yes", "1:30", "on", "010")
+    copy = tmp_path / "out" / "spec.yaml"
+    copy.parent.mkdir()
+    copy.write_text(spec.to_yaml())
+    assert load_resolved(copy) == spec
+
+
+@pytest.mark.parametrize("body", ["", "# only a comment\n", "{}\n", "---\n"])
+def test_empty_specs_are_refused(tmp_path, capsys, body):
+    assert "empty spec" in refusal(capsys, write(tmp_path, "empty.yaml", body))
+
+
+def test_profile_written_in_a_file_is_refused(tmp_path, capsys):
+    line = refusal(capsys, write(tmp_path, "p.yaml", "profile: smoke\n"))
+    assert line.startswith(f"{tmp_path / 'p.yaml'}: profile:")
+    write(tmp_path, "_base.yaml", "profile: quick\n")
+    line = refusal(capsys, write(tmp_path, "child.yaml", "extends: _base.yaml\ntitle: t\n"))
+    assert line.startswith(f"{tmp_path / '_base.yaml'}: profile:") and "--profile" in line
+
+
+FLOAT_FIELDS = ["data.scale", "noise.beta_end", "train.lr", "train.adam_eps", "train.weight_decay",
+                "train.divergence_factor"]
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused(tmp_path, capsys, field, value):
+    section, name = field.split(".")
+    ddim = "schedule: ddim, " if section == "noise" else ""  # beta_end belongs to the ddim schedule
+    line = refusal(capsys, write(tmp_path, "nf.yaml", f"{section}: {{{ddim}{name}: {value}}}\n"))
+    assert f"nf.yaml: {field}:" in line and "finite" in line
+
+
+# Values outside the ranges the README documents, written out here rather than read from the code.
+OUT_OF_RANGE = [
+    ("data.size", 4), ("data.size", 10**24), ("data.scale", 0), ("data.scale", 101), ("data.scale", -1),
+    ("model.layers_per_block", 0), ("model.layers_per_block", 9), ("noise.num_train_timesteps", 0),
+    ("noise.num_train_timesteps", 100_001), ("train.batch_size", 0), ("train.batch_size", 100_000),
+    ("train.lr", 0), ("train.lr", 10_001), ("train.adam_eps", 0), ("train.adam_eps", 2),
+    ("train.weight_decay", -0.1), ("train.weight_decay", 1.5), ("train.epochs", 0), ("train.epochs", 10**24),
+    ("train.epochs", 1e24), ("train.seed", -1), ("train.seed", 2**32), ("train.divergence_factor", 1),
+    ("train.divergence_factor", 1e7),
+]
+
+
+@pytest.mark.parametrize("field, value", OUT_OF_RANGE)
+def test_numbers_outside_their_documented_range_are_refused(tmp_path, capsys, field, value):
+    section, name = field.split(".")
+    line = refusal(capsys, write(tmp_path, "r.yaml", f"{section}:\n  {name}: {value}\n"))
+    assert f"r.yaml: {field}:" in line
+
+
+def test_course_and_ddim_ranges(tmp_path, capsys):
+    line = refusal(capsys, write(tmp_path, "b.yaml", "noise: {schedule: ddim, beta_end: 1.0}\n"))
+    assert "noise.beta_end" in line
+    line = refusal(capsys, write(tmp_path, "h.yaml", "model: {family: course, attention_head_dim: 0}\n"))
+    assert "model.attention_head_dim" in line
+    seven = "model: {block_out_channels: [32, 32, 32, 32, 32, 32, 32]}\n"
+    line = refusal(capsys, write(tmp_path, "l.yaml", seven))
+    assert "model.block_out_channels" in line
+
+
+@pytest.mark.parametrize("channels", [32, 48, 64, 96, 100, 128, 16])
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_channels_must_suit_the_diffusers_group_norm(tmp_path, capsys, channels, norm):
+    import torch
+
+    try:  # the independent oracle: can torch build the GroupNorm(32) that diffusers builds first?
+        torch.nn.GroupNorm(32, channels)
+        buildable = True
+    except ValueError:
+        buildable = False
+    body = f"model: {{block_out_channels: [{channels}, 64], blocks: DA, resnet_norm: {norm}}}\n"
+    path = write(tmp_path, "ch.yaml", body)
+    if buildable:
+        assert load_spec(path).model.block_out_channels == (channels, 64)
+    else:
+        line = refusal(capsys, path)
+        assert "ch.yaml: model.block_out_channels:" in line and "multiples of 32" in line
+
+
+def test_course_attention_levels_need_channels_divisible_by_the_head_dim(tmp_path, capsys):
+    ok = "model: {family: course, block_out_channels: [12, 20, 64, 128], attention_head_dim: 8}\n"
+    assert load_spec(write(tmp_path, "ok.yaml", ok)).model.attention_start == 2
+    bad = "model: {family: course, block_out_channels: [32, 64, 68, 128], attention_head_dim: 8}\n"
+    assert "model.block_out_channels" in refusal(capsys, write(tmp_path, "bad.yaml", bad))
+
+
+def test_batch_size_may_not_exceed_the_train_split(tmp_path, capsys):
+    # smoke: 160 items, 90% of them (144) train.
+    fits = write(tmp_path, "fits.yaml", "train: {batch_size: 144}\n")
+    assert load_spec(fits, "smoke").train.batch_size == 144
+    line = refusal(capsys, write(tmp_path, "over.yaml", "train: {batch_size: 145}\n"), "smoke")
+    assert "over.yaml: train.batch_size:" in line and "144" in line
+
+
+def test_data_size_may_not_exceed_the_data_folder(tmp_path, capsys):
+    data = Path(__file__).resolve().parent.parent / "data" / "lsun_bedroom_10k"
+    stats = json.loads((data / "stats.json").read_text())
+    rows = stats["shape"][0]
+    assert load_spec(write(tmp_path, "all.yaml", f"data: {{size: {rows}}}\n")).data.size == rows
+    line = refusal(capsys, write(tmp_path, "more.yaml", f"data: {{size: {rows + 10}}}\n"))
+    assert "more.yaml: data.size:" in line and "encode" in line
+
+
+def test_huge_text_and_hostile_keys_stay_on_one_short_line(tmp_path, capsys):
+    line = refusal(capsys, write(tmp_path, "t.yaml", f"title: '{SECRET * 100}'\n"))
+    assert "t.yaml: title:" in line and len(line) < 300
+    line = refusal(capsys, write(tmp_path, "k.yaml", '"evil\\nkey\\u2028": 1\n'))
+    assert "k.yaml: " in line and "unknown field" in line
+
+
+def test_readme_lists_every_documented_field_with_its_range():
+    from runner.spec import field_reference
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, description in field_reference():
+        assert f"| `{name}` | {description} |" in readme, f"README lacks the row for {name}"
