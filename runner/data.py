@@ -7,6 +7,7 @@ how the latents were made). ``runner.encode`` writes the same layout from images
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runner.files import write_text
 from runner.datafolder import (  # noqa: F401 - re-exported: the data stage's public names
     DATA_DIR,
     KEYS_FILE,
@@ -26,6 +26,7 @@ from runner.datafolder import (  # noqa: F401 - re-exported: the data stage's pu
     split_ranges,
     split_sizes,
 )
+from runner.files import write_text
 from runner.spec import DataSpec
 
 

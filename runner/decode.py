@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from runner.data import DATA_DIR, KEYS_FILE, DataError, split_ranges, normalization, open_latents, read_stats
+from runner.data import DATA_DIR, KEYS_FILE, DataError, normalization, open_latents, read_stats, split_ranges
 from runner.files import write_atomic, write_json
 from runner.spec import DataSpec
 

@@ -134,7 +134,7 @@ class ModelSpec(_Section):
     # Every BatchNorm's running-statistics update: a momentum in (0, 1] (PyTorch's default 0.1, as the
     # originals ran), or "cumulative" for an equal-weight average of all batches (PyTorch's momentum=None).
     # Only for models with a BatchNorm (the course UNet, or a diffusers norm set to "batch").
-    batchnorm_momentum: StrictFloat | Literal["cumulative"] = 0.1
+    batchnorm_momentum: FiniteFloat | Literal["cumulative"] = 0.1
     # The originals' "Conv" flag swapped LoRACompatibleConv for nn.Conv2d; current diffusers
     # already builds nn.Conv2d, so "conv2d" is checked at build time and otherwise changes nothing.
     conv: Literal["diffusers", "conv2d"] = "diffusers"
@@ -269,7 +269,7 @@ class TrainSpec(_Section):
         "AdamW weight decay (torch's default, as the originals ran).",
         ge=0, le=1,
     )
-    epochs: StrictInt = _number(5, "Passes over the train split: the OneCycle schedule's length.", ge=1, le=10_000)
+    epochs: StrictInt = _number(5, "Passes over the train split (the OneCycle length).", ge=1, le=10_000)
     # Stop after this many epochs of the `epochs`-long OneCycle schedule (the lr at every step is the full
     # schedule's): a long run's early phase on a short budget. Unset runs the whole schedule.
     stop_after_epochs: StrictInt | None = _number(

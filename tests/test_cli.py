@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from runner.cli import main
 from runner.spec import from_seed_name, load_spec
