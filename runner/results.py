@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +26,7 @@ from runner.spec import SAFE_ID, Spec, SpecError, load_resolved
 from runner.statsfile import Stats, StatsFileError, load_stats
 
 SPEC_FILE, METRICS_FILE, STATS_FILE, MANIFEST_FILE = "spec.yaml", "metrics.json", "stats.npz", "manifest.json"
+SAMPLES_DIR, SAMPLES_FILE = "samples", "samples/samples.json"  # written by runner.sample
 STATUSES = ("completed", "diverged", "failed")
 
 
@@ -164,6 +166,92 @@ def write_metrics(folder: Path, metrics: Metrics) -> Path:
     return write_text(Path(folder) / METRICS_FILE, metrics.model_dump_json(indent=1) + "\n")
 
 
+class LatentSummary(_Strict):
+    """Mean and std of latents in the training space (overall and per channel), as runner.sample writes
+    them; None where JSON holds null (a statistic of no finite value)."""
+
+    mean: float | None
+    std: float | None
+    channel_mean: list[float | None]
+    channel_std: list[float | None]
+    nonfinite: int
+
+
+class SamplerRecord(LatentSummary):
+    schedule: str
+    timestep: str
+    eta: float
+    clip_sample: bool
+    seconds: float
+
+
+class DataSummary(LatentSummary):
+    rows: str  # which latents, in words
+
+
+class DecoderRecord(_Strict):
+    """The decoder the grids were drawn with: the preview decoder (with its fit quality) or the VAE."""
+
+    name: Literal["preview", "vae"]
+    resolution: int
+    file: str | None = None
+    r2_heldout: float | None = None
+    train_pairs: int | None = None
+    heldout_pairs: int | None = None
+    path: str | None = None
+
+
+_GRID = re.compile(r"^grid_[a-z0-9_]{1,40}\.png$")
+
+
+class Samples(_Strict):
+    """samples/samples.json, field for field as runner.sample writes it. A run that was not sampled
+    (skipped: it did not complete; failed: sampling raised) has only status, reason and no samplers."""
+
+    status: Literal["completed", "skipped", "failed"]
+    reason: str | None
+    samplers: dict[str, SamplerRecord]
+    count: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    device: str | None = None
+    precision: str | None = None
+    space: str | None = None
+    data: DataSummary | None = None
+    decoder: DecoderRecord | None = None
+    grids: dict[str, str] = {}  # sampler name (and "real") -> PNG file in samples/
+    real: str | None = None
+    decode_seconds: float | None = None
+
+    def std_ratio(self, sampler: str) -> float | None:
+        """The sampler's latent std over the data's (1: samples as spread as the data)."""
+        got, data = self.samplers.get(sampler), self.data
+        if got is None or data is None or got.std is None or not data.std:
+            return None
+        return got.std / data.std
+
+
+def read_samples(folder: Path) -> Samples | None:
+    """samples/samples.json of a run folder (None when the run has none); ValueError naming the file
+    when it is not the contract or names a grid that is not in samples/."""
+    path = Path(folder) / SAMPLES_FILE
+    if not path.is_file():
+        return None
+    try:
+        samples = Samples.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    except ValidationError as e:
+        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
+        raise ValueError(f"{path}: not the samples contract ({detail})") from None
+    for name, grid in samples.grids.items():
+        if not _GRID.match(grid) or not (path.parent / grid).is_file():
+            raise ValueError(f"{path}: grid {name!r} names {grid!r}, not a grid_*.png file in samples/")
+    if samples.status == "completed" and ("real" not in samples.grids or samples.decoder is None):
+        raise ValueError(f"{path}: completed samples without the real grid or the decoder")
+    return samples
+
+
 @dataclass(eq=False)
 class Run:
     """One run folder. `spec`/`metrics` are None only when the run is damaged; `stats` loads stats.npz on
@@ -176,6 +264,10 @@ class Run:
     _damage: str | None = None
     _stats: Stats | None = field(default=None, repr=False)
     _stats_read: bool = field(default=False, repr=False)
+    _samples: Samples | None = field(default=None, repr=False)
+    _samples_read: bool = field(default=False, repr=False)
+    # "local" (results/), or "published <name>" for a run of a committed snapshot (runner.publish).
+    source: str = "local"
 
     @property
     def stats(self) -> Stats | None:
@@ -190,9 +282,20 @@ class Run:
         return self._stats
 
     @property
+    def samples(self) -> Samples | None:
+        """samples/samples.json (None when there is none); a malformed one sets `damage` when first read."""
+        if not self._samples_read:
+            self._samples_read = True
+            try:
+                self._samples = read_samples(self.folder)
+            except ValueError as e:
+                self._damage = self._damage or _relative(str(e), self.folder)
+        return self._samples
+
+    @property
     def damage(self) -> str | None:
-        """Why this folder cannot be trusted (None: it can). Reads the statistics to find out."""
-        _ = self.stats
+        """Why this folder cannot be trusted (None: it can). Reads the statistics and samples to find out."""
+        _ = self.stats, self.samples
         return self._damage
 
     @property

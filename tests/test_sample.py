@@ -23,6 +23,7 @@ from runner.decode import (
     load_preview,
     to_raw,
 )
+from runner.results import read_samples
 from runner.sample import SAMPLE_COUNT, draw, sample_run
 from runner.spec import SpecError, build_spec, load_spec
 from runner.train import Result, train
@@ -164,6 +165,10 @@ def test_sample_run_writes_latents_grids_and_measures(sampled_run):
     assert saved["data"]["std"] == pytest.approx(float(train_x.std()), rel=1e-6)
     assert saved["samplers"]["originals"]["eta"] == 1.0 and measured["eta"] == 0.0
     assert measured["seconds"] > 0 and measured["nonfinite"] == 0
+    # The run-folder contract reads what sampling wrote (a format change fails here, not on a page).
+    typed = read_samples(result.out_dir)
+    assert typed is not None and typed.decoder.name == "preview" and set(typed.grids) == set(saved["grids"])
+    assert typed.std_ratio("matched") == pytest.approx(measured["std"] / saved["data"]["std"])
 
 
 def test_sampling_is_repeatable_and_leaves_the_model_mode(sampled_run):
@@ -181,6 +186,7 @@ def test_a_diverged_run_is_not_sampled_and_says_why(tmp_path):
     record = sample_run(spec, result)
     saved = json.loads((tmp_path / "samples" / "samples.json").read_text())
     assert saved == record and saved["status"] == "skipped" and "step 7" in saved["reason"]
+    assert read_samples(tmp_path).reason == saved["reason"]
     assert not (tmp_path / "samples" / "samples.npz").exists()
     assert main(["samples", str(tmp_path)]) == 2, "nothing to redraw: a clear refusal"
 
