@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.results import Metrics, Run
+from runner.results import Metrics, Run, Samples
 from runner.spec import Spec
 from runner.statsfile import BIN_WIDTH, Stats, dead_share
 from runner.text import DASH, fmt
@@ -121,6 +121,11 @@ class Health:
     valid_loss_batch_stats: float | None = None
     valid_gap: float | None = None
     valid_gap_batch_stats: float | None = None
+    # Samples drawn after training (runner.sample): the sampler measured, and its latent std over the
+    # data's. Not part of the verdict: a measure of the samples, not of training health.
+    sample_sampler: str | None = None
+    sample_std_ratio: float | None = None
+    sample_mean_offset: float | None = None  # (sample mean - data mean) / data std
 
 
 def short_name(name: str) -> str:
@@ -162,8 +167,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b is not None and b > 0 else None
 
 
-def measure(metrics: Metrics, stats: Stats | None) -> Health:
-    """Health of one run from its metrics and its statistics (None: none recorded)."""
+SAMPLE_PREFERENCE = ("matched", "originals")  # the sampler measured when a run used several
+
+
+def sample_measures(samples: Samples | None) -> dict[str, Any]:
+    """The samples' latent std over the data's and their mean offset in data stds, for the sampler that
+    matches training (else the first one); {} when the run has no completed samples."""
+    if samples is None or samples.status != "completed" or not samples.samplers or samples.data is None:
+        return {}
+    name = next((s for s in SAMPLE_PREFERENCE if s in samples.samplers), next(iter(samples.samplers)))
+    got, data = samples.samplers[name], samples.data
+    offset = (got.mean - data.mean) / data.std if None not in (got.mean, data.mean) and data.std else None
+    return {"sample_sampler": name, "sample_std_ratio": samples.std_ratio(name), "sample_mean_offset": offset}
+
+
+def measure(metrics: Metrics, stats: Stats | None, samples: Samples | None = None) -> Health:
+    """Health of one run from its metrics, its statistics (None: none recorded) and its samples."""
     final = metrics.final
     spikes, ratio = loss_spikes(metrics.batches.loss)
     train, valid, valid_bs = (
@@ -185,6 +204,7 @@ def measure(metrics: Metrics, stats: Stats | None) -> Health:
     }
     if stats is not None:
         values.update(_stats_measures(stats))
+    values.update(sample_measures(samples))
     return Health(**values)
 
 
@@ -318,7 +338,7 @@ class Assessed:
 def assess(run: Run) -> Assessed:
     """Measure and judge one sound run (its statistics are read here, once)."""
     assert run.metrics is not None and not run.damaged, run.id
-    health = measure(run.metrics, run.stats)
+    health = measure(run.metrics, run.stats, run.samples)
     return Assessed(run, health, verdict(health))
 
 

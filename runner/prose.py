@@ -63,6 +63,10 @@ MEASURES: dict[str, str] = {
         "batch statistics instead of running statistics."
     ),
     "diverged": "Whether training was stopped because the loss became non-finite or exceeded its limit.",
+    "sample std ratio": (
+        "The latent std of the samples drawn after training divided by the std of the train latents, "
+        "both in the training space (not part of the verdict)."
+    ),
 }
 
 SCORE_TEXT = (
@@ -407,4 +411,32 @@ def scale_note(items: list[Assessed]) -> str:
     return (
         "Measured on " + "; ".join(parts) + ". The statements hold at this scale; effects that need "
         "longer training or more data may not show."
+    )
+
+
+# ---------------------------------------------------------------- samples
+
+
+def _spread(ratio: float) -> str:
+    """How a std ratio reads, in words (no digits: the number itself is stated beside it)."""
+    for limit, words in ((2.0, "far more spread out than"), (1.25, "more spread out than"),
+                         (0.8, "about as spread out as"), (0.5, "narrower than")):
+        if ratio >= limit:
+            return words
+    return "far narrower than"
+
+
+def samples_sentence(item: Assessed) -> str | None:
+    """What the samples' latent statistics say against the data's, or None without samples."""
+    h = item.health
+    if h.sample_std_ratio is None or h.sample_sampler is None:
+        return None
+    offset = (
+        f", with their mean {fmt(h.sample_mean_offset)} data stds from the data's"
+        if h.sample_mean_offset is not None
+        else ""
+    )
+    return (
+        f"The {h.sample_sampler} sampler's latents of {item.id} are {_spread(h.sample_std_ratio)} the data: "
+        f"their std is {fmt(h.sample_std_ratio)}× the data's{offset}."
     )

@@ -30,7 +30,7 @@ from typing import Any
 from runner import views
 from runner.files import read_json, recover_dir, replace_dir, write_text
 from runner.report import Report
-from runner.results import Run, load_runs
+from runner.results import SAMPLES_DIR, Run, load_runs
 from runner.spec import SAFE_ID
 from runner.templating import environment
 
@@ -170,6 +170,9 @@ def _render_run(w: _Writer, e: views.Entry, report: Report) -> None:
         return
     for stem, png in run.charts.items():
         w.copy(png, f"{base}/{stem}.png")
+    samples = run.samples
+    for grid in (samples.grids.values() if samples and samples.status == "completed" else ()):
+        w.copy(run.folder / SAMPLES_DIR / grid, f"{base}/{SAMPLES_DIR}/{grid}")
     nb_path = run.folder / "notebook.ipynb"
     notebook = views.notebook_check(nb_path) if nb_path.is_file() else None
     if notebook is not None and notebook[0]:

@@ -19,7 +19,7 @@ from runner.charts import CAPTIONS, CHART_KINDS, TITLES
 from runner.insights import Assessed, AxisTable
 from runner.model_notes import model_notes
 from runner.report import Report
-from runner.results import Run
+from runner.results import SAMPLES_DIR, Run, Samples
 from runner.spec import PROFILES, NoiseSpec, Spec, SpecError, TrainSpec, discover, load_spec
 from runner.statsfile import BIN_WIDTH, HIST_BINS, HIST_RANGE
 from runner.text import DASH, fmt, slugs
@@ -267,6 +267,63 @@ def experiment_page(e: Entry, report: Report, notebook: tuple[bool, list[str]] |
             for k in ordered
         ],
         "notebook": None if notebook is None else {"readable": notebook[0], "errors": notebook[1]},
+        "samples": samples_view(run.samples, item),
+        "source": source_label(run),
+    }
+
+
+def source_label(run: Run) -> str:
+    """"local run" or "published run (<snapshot>)": which folder a page's run comes from."""
+    return "local run" if run.source == "local" else f"published run ({run.source.removeprefix('published ')})"
+
+
+def decoder_text(samples: Samples) -> str:
+    d = samples.decoder
+    if d is None:
+        return DASH
+    if d.name == "vae":
+        return f"the Stable Diffusion VAE (pictures {fmt(d.resolution)} px)"
+    fit = (
+        f"held-out R² {fmt(d.r2_heldout)} on {fmt(d.heldout_pairs)} image–latent pairs, "
+        f"fitted on {fmt(d.train_pairs)}"
+        if d.r2_heldout is not None
+        else "fit quality not recorded"
+    )
+    return f"the preview decoder, a linear map from latents to {fmt(d.resolution)}×{fmt(d.resolution)} RGB ({fit})"
+
+
+def samples_view(samples: Samples | None, item: Assessed) -> dict[str, Any]:
+    """The samples section of an experiment page: grids (paths relative to the page), the real latents'
+    grid through the same decoder, latent statistics against the data's, and the decoder's fit."""
+    if samples is None:
+        return {"state": "none", "reason": "this run folder holds no samples (made before sampling was added)"}
+    if samples.status != "completed" or samples.data is None:
+        return {"state": samples.status, "reason": samples.reason or "no reason was recorded"}
+    data = samples.data
+    return {
+        "state": "completed",
+        "count": samples.count,
+        "steps": samples.steps,
+        "seed": samples.seed,
+        "samplers": [
+            {
+                "name": name,
+                "file": f"{SAMPLES_DIR}/{samples.grids[name]}" if name in samples.grids else None,
+                "schedule": r.schedule,
+                "timestep": r.timestep,
+                "eta": r.eta,
+                "mean": r.mean,
+                "std": r.std,
+                "ratio": samples.std_ratio(name),
+                "nonfinite": r.nonfinite,
+            }
+            for name, r in samples.samplers.items()
+        ],
+        "real": f"{SAMPLES_DIR}/{samples.grids['real']}",
+        "real_text": samples.real or "real latents through the same decoder",
+        "data": {"mean": data.mean, "std": data.std, "rows": data.rows, "nonfinite": data.nonfinite},
+        "decoder": decoder_text(samples),
+        "sentence": prose.samples_sentence(item),
     }
 
 
