@@ -514,3 +514,86 @@ def comparison_chart(runs: Sequence[Run], kind: str, out: str | os.PathLike[str]
     if not runs:
         raise ValueError("comparison_chart needs at least one run")
     return _save(_BUILDERS[kind]([_Run.of(r) for r in runs]), Path(out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# writeup figures (runner.writeup): one module across runs, and timestep buckets
+
+
+def module_index(stats: Stats | None, module: str) -> int | None:
+    """Index of the watched module whose short name is `module` (None when the run did not watch it)."""
+    names = [short_name(n) for n in stats.names] if stats is not None else []
+    return names.index(module) if module in names else None
+
+
+def module_overlay_chart(runs: Sequence[Run], module: str, out: str | os.PathLike[str]) -> Path:
+    """One module's activation std over optimiser steps, one line per run, on one shared axis."""
+    fig, axes = _figure(1, 1, WIDTH - 1.1, 4.6, _Margins(left=0.85, right=0.25, top=0.45, bottom=0.55))
+    ax, drawn = axes[0, 0], []
+    for i, run in enumerate(_Run.of(r) for r in runs):
+        m = module_index(run.stats, module) if run.has("stats") else None
+        if m is None:
+            ax.plot([], [], ls="none", label=f"{run.label}: not recorded ({run.status})")
+            continue
+        ax.plot(run.x, run.stats.std[:, m], color=f"C{i % 10}", lw=1.4, label=run.label)
+        drawn.append(run.stats.std[:, m])
+    if _wants_log(*drawn):
+        ax.set_yscale("log")
+    ax.set_ylabel(f"std of {module}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"activation std of {module} across runs", fontsize=12, y=1 - 0.1 / fig.get_figheight(),
+                 va="top")
+    fig.supxlabel("optimiser step", fontsize=10, y=0.06 / fig.get_figheight(), va="bottom")
+    return _save(fig, Path(out))
+
+
+def bucket_profile(stats: Stats, module: str, share: float = 0.1) -> tuple[np.ndarray, np.ndarray] | None:
+    """(bucket centres in normalised t, the module's std per bucket averaged over the last `share` of
+    recorded rows, NaN where no sample fell); None without buckets or the module."""
+    m = module_index(stats, module)
+    if stats.buckets is None or m is None:
+        return None
+    b = stats.buckets
+    late = b.std[-max(1, math.ceil(share * len(stats))):, m, :].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        counts = np.isfinite(late).sum(axis=0)
+        values = np.where(counts > 0, np.nansum(late, axis=0) / np.maximum(counts, 1), np.nan)
+    return (b.edges[:-1] + b.edges[1:]) / 2, values
+
+
+def bucket_overlay_chart(runs: Sequence[Run], module: str, out: str | os.PathLike[str]) -> Path:
+    """One module's late-training std per timestep bucket, one line per run (runs without buckets are
+    listed as such in the legend)."""
+    fig, axes = _figure(1, 1, WIDTH - 1.1, 4.2, _Margins(left=0.85, right=0.25, top=0.45, bottom=0.55))
+    ax, drawn = axes[0, 0], []
+    for i, run in enumerate(_Run.of(r) for r in runs):
+        profile = bucket_profile(run.stats, module) if run.stats is not None else None
+        if profile is None:
+            ax.plot([], [], ls="none", label=f"{run.label}: no timestep buckets for {module}")
+            continue
+        ax.plot(*profile, color=f"C{i % 10}", marker="o", lw=1.4, label=run.label)
+        drawn.append(profile[1])
+    if _wants_log(*drawn):
+        ax.set_yscale("log")
+    ax.set_xlim(0, 1)
+    ax.set_ylabel(f"std of {module}, late in training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"activation std of {module} by timestep bucket", fontsize=12,
+                 y=1 - 0.1 / fig.get_figheight(), va="top")
+    fig.supxlabel("timestep t (normalised: 0 clean, 1 pure noise)", fontsize=10,
+                  y=0.06 / fig.get_figheight(), va="bottom")
+    return _save(fig, Path(out))
+
+
+def writeup_figure(name: str, runs: Sequence[Run], out: str | os.PathLike[str], **options: Any) -> Path:
+    """The writeup's figures by name: a comparison chart kind (CHART_KINDS), "module" (options: module)
+    or "buckets" (options: module)."""
+    if name in CHART_KINDS:
+        return comparison_chart(runs, name, out)
+    if name == "module":
+        return module_overlay_chart(runs, options["module"], out)
+    if name == "buckets":
+        return bucket_overlay_chart(runs, options["module"], out)
+    raise ValueError(f"unknown writeup figure {name!r}")

@@ -70,6 +70,12 @@ def _site(args: argparse.Namespace) -> int:
     return site_main(args)
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from runner.publish import main as publish_main
+
+    return publish_main(args)
+
+
 def _encode(argv: list[str]) -> int:
     # encode's options come from runner.encode, which imports torch: they are parsed here, only for this
     # command, so that the others (validate, seed-name, site) never import torch.
@@ -141,7 +147,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("site", help="render pages from results/ and build the site")
     p.add_argument("--results", default="results")
     p.add_argument("--no-build", action="store_true", help="render Markdown only, skip mkdocs build")
+    p.add_argument(
+        "--published", action="append", metavar="auto|none|FOLDER",
+        help="published snapshots to show beside the local runs: 'auto' (default: every snapshot under "
+        "published/), 'none', or a snapshot folder such as published/quick (repeatable)",
+    )
     p.set_defaults(func=_site)
+
+    p = sub.add_parser("publish", help="write a compact snapshot of results/ into published/NAME/")
+    p.add_argument("--name", required=True, help="snapshot name (a folder name), e.g. the profile")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default="published", help="folder of snapshots (default published/)")
+    p.add_argument("--charts", choices=("copy", "none"), default="copy",
+                   help="copy each run's charts into the snapshot (default), or leave them out")
+    p.add_argument("--max-mb", type=float, default=20.0, help="refuse a snapshot larger than this")
+    p.set_defaults(func=_publish)
 
     # Listed for --help only: main() hands `encode ...` and `fit-decoder ...` to their own parsers.
     sub.add_parser("encode", help="encode LSUN images into latents (needs the VAE; a GPU helps)")

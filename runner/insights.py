@@ -433,3 +433,74 @@ def axis_tables(items: list[Assessed]) -> list[AxisTable]:
 
 
 DEAD_BELOW = BIN_WIDTH  # |a| below this counts as dead (the lowest histogram bin)
+
+
+# ---------------------------------------------------------------- numbers of the writeup's findings
+
+
+def module_peak(item: Assessed, module: str) -> float | None:
+    """The largest finite std a module (by short name) reached in a run; None when it was not watched."""
+    stats = item.run.stats
+    names = [short_name(n) for n in stats.names] if stats is not None else []
+    if module not in names:
+        return None
+    column = _finite(stats.std)[:, names.index(module)]
+    return float(np.nanmax(column)) if np.isfinite(column).any() else None
+
+
+def precision_axes(items: list[Assessed]) -> list[list[Assessed]]:
+    """The runs of each (group, axis) whose members differ in train.precision (the precision ablation)."""
+    axes: dict[tuple[str, str], list[Assessed]] = {}
+    for item in items:
+        axes.setdefault((item.spec.group, item.spec.axis), []).append(item)
+    return [m for m in axes.values() if len({i.spec.train.precision for i in m}) > 1]
+
+
+REPRODUCED_WITHIN = 0.1  # a valid loss within this relative difference of the originals' reproduced it
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """A run beside the original notebook it reproduces, at the last epoch both printed a valid loss."""
+
+    item: Assessed
+    notebook: str
+    epoch: int | None  # the originals' 0-based epoch compared (None: no shared epoch)
+    ours: float | None
+    theirs: float | None
+    comparable: bool  # the run used the originals' scale (the full profile)
+
+    @property
+    def relative(self) -> float | None:
+        if self.ours is None or self.theirs is None or not self.theirs:
+            return None
+        return (self.ours - self.theirs) / self.theirs
+
+    @property
+    def reproduced(self) -> bool | None:
+        """None when it cannot be judged (not the originals' scale, or no shared epoch)."""
+        rel = self.relative
+        return None if rel is None or not self.comparable else abs(rel) <= REPRODUCED_WITHIN
+
+
+def reproductions(items: list[Assessed]) -> list[Reproduction]:
+    """Every run whose spec names the notebook it reproduces, beside that notebook's printed losses."""
+    from runner.originals import OriginalsError, compare_losses, find_original, load_original_results
+
+    wanted = [i for i in items if i.spec.reproduces]
+    if not wanted:
+        return []
+    originals = load_original_results()
+    out = []
+    for item in wanted:
+        try:
+            theirs = find_original(originals, item.spec.reproduces).epochs
+        except OriginalsError:
+            continue
+        rows = compare_losses([e.model_dump() for e in item.run.metrics.epochs], theirs)
+        shared = [r for r in rows if r.valid_diff is not None]
+        last = shared[-1] if shared else None
+        out.append(Reproduction(item, item.spec.reproduces, last.epoch if last else None,
+                                last.ours_valid if last else None, last.theirs_valid if last else None,
+                                item.spec.profile == "full"))
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from runner.insights import (
     COURSE_ID,
@@ -439,4 +440,73 @@ def samples_sentence(item: Assessed) -> str | None:
     return (
         f"The {h.sample_sampler} sampler's latents of {item.id} are {_spread(h.sample_std_ratio)} the data: "
         f"their std is {fmt(h.sample_std_ratio)}× the data's{offset}."
+    )
+
+
+# ---------------------------------------------------------------- the writeup's findings
+
+
+def module_sentence(module: str, worst: Assessed, peaks: Sequence[tuple[str, float]]) -> str:
+    """One module across variants: where the largest std occurred, and its range across the runs."""
+    lead = (
+        f"The largest std of any run, {fmt(worst.health.max_std)} in {worst.id}, occurred in {module}."
+    )
+    if len(peaks) < 2:
+        return lead + " No other run watched that module, so it cannot be compared across variants."
+    low, high = min(peaks, key=lambda p: p[1]), max(peaks, key=lambda p: p[1])
+    return (
+        f"{lead} Across the {count_word(len(peaks))} runs that watched it, its largest std ranged "
+        f"from {fmt(low[1])} in {low[0]} to {fmt(high[1])} in {high[0]}."
+    )
+
+
+def extremes_sentence(best: Assessed, worst: Assessed) -> str:
+    def where(i: Assessed) -> str:
+        return f" in {i.health.max_std_module}" if i.health.max_std_module else ""
+
+    reasons = f": {'; '.join(worst.verdict.reasons)}" if worst.verdict.reasons else ""
+    return (
+        f"The healthiest run, {best.id} ({best.level}), kept its largest activation std at "
+        f"{fmt(best.health.max_std)}{where(best)}; the least healthy, {worst.id} ({worst.level}), reached "
+        f"{fmt(worst.health.max_std)}{where(worst)}{reasons}."
+    )
+
+
+def precision_sentences(members: Sequence[Assessed]) -> list[str]:
+    """One sentence per run of a precision ablation axis: its precision, outcome, loss and largest std."""
+    out = []
+    for i in members:
+        outcome = i.run.metrics.status_text if i.run.metrics else i.health.status
+        out.append(
+            f"In {i.spec.train.precision}, {i.id} {outcome} with a final valid loss of "
+            f"{fmt(i.health.valid_loss)} and a largest std of {fmt(i.health.max_std)}."
+        )
+    return out
+
+
+def bucket_sentence(
+    item: Assessed, module: str, centres: Sequence[float], values: Sequence[float]
+) -> str | None:
+    """The module's late std at the lowest- and highest-noise timestep buckets that had samples."""
+    pairs = [(c, v) for c, v in zip(centres, values, strict=True) if v == v]  # v == v: not NaN
+    if len(pairs) < 2:
+        return None
+    (c0, v0), (c1, v1) = pairs[0], pairs[-1]
+    return (
+        f"Late in training, {module} in {item.id} had a std of {fmt(v0)} on the least noisy inputs "
+        f"(t near {fmt(c0)}) and {fmt(v1)} on the noisiest (t near {fmt(c1)})."
+    )
+
+
+def reproduction_text(r: Any) -> str:
+    """What a reproduction row shows, in words (r: runner.insights.Reproduction)."""
+    if r.epoch is None:
+        return "no epoch with a valid loss on both sides"
+    if not r.comparable:
+        profile = r.item.spec.profile
+        return f"not comparable: the {profile} profile trains at a smaller scale than the original"
+    verdict = "reproduced" if r.reproduced else "not reproduced"
+    return (
+        f"{verdict} (valid loss {fmt(r.ours)} against {fmt(r.theirs)} at the original's epoch "
+        f"{fmt(r.epoch)})"
     )

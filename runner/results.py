@@ -373,6 +373,28 @@ def load_runs(results_dir: Path) -> list[Run]:
     return runs
 
 
+PUBLISHED_SOURCE = "published "  # + the snapshot's name: Run.source of a run from published/<name>/
+
+
+def with_published(local: list[Run], snapshots: list[Path]) -> list[Run]:
+    """The local runs, then the runs of each snapshot folder (runner.publish) labelled with its name.
+
+    Ids may collide (a user reruns a published spec): a published run whose id is already taken gets
+    the id "<id>--<snapshot>" (then -2, -3 ...), so every run keeps its own page and report entry."""
+    out, taken = list(local), {r.id for r in local}
+    for folder in snapshots:
+        for run in load_runs(folder):
+            run.source = PUBLISHED_SOURCE + Path(folder).name
+            if run.id in taken:
+                base = f"{run.id[:60]}--{Path(folder).name[:36]}"
+                run.id, n = base, 2
+                while run.id in taken:
+                    run.id, n = f"{base}-{n}", n + 1
+            taken.add(run.id)
+            out.append(run)
+    return out
+
+
 def _relative(message: str, folder: Path) -> str:
     """Damage reasons name files relative to results/ (pages must not show the machine's paths)."""
     return message.replace(str(folder), folder.name).replace(str(folder.resolve()), folder.name)

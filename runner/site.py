@@ -27,10 +27,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner import views
+from runner import views, writeup
 from runner.files import read_json, recover_dir, replace_dir, write_text
+from runner.publish import PUBLISHED, find_snapshots, read_snapshot_manifest
 from runner.report import Report
-from runner.results import SAMPLES_DIR, Run, load_runs
+from runner.results import SAMPLES_DIR, Run, load_runs, with_published
 from runner.spec import SAFE_ID
 from runner.templating import environment
 
@@ -73,8 +74,9 @@ def _new_stage(target: Path) -> Path:
 class _Writer:
     """Renders pages and draws charts into a staging folder; remembers the pages (relative to docs/)."""
 
-    def __init__(self, stage: Path, draw: Drawer):
+    def __init__(self, stage: Path, draw: Drawer, figures: views.Figures | None = None):
         self.env, self.stage, self.draw, self.pages = environment(), stage, draw, []
+        self.figures = figures
 
     def page(self, rel: str, template: str, **context: Any) -> None:
         write_text(self.stage / rel, self.env.get_template(template).render(**context))
@@ -94,6 +96,18 @@ class _Writer:
             return f"{type(e).__name__}: {e}"
         return None
 
+    def figure(self, name: str, runs: Sequence[Run], rel: str, **options: Any) -> str | None:
+        """Draw one writeup figure (runner.charts.writeup_figure); its error text when it fails or
+        no figure drawer was given."""
+        if self.figures is None:
+            return "no figure drawer was given to this render"
+        try:
+            self.figures(name, runs, self.stage / rel, **options)
+        except Exception as e:  # noqa: BLE001 - one bad figure shows on the writeup, the site still builds
+            warnings.warn(f"figure {rel}: {type(e).__name__}: {e}", stacklevel=2)
+            return f"{type(e).__name__}: {e}"
+        return None
+
 
 # ---------------------------------------------------------------- rendering
 
@@ -105,21 +119,27 @@ def render_site(
     spec_files: Sequence[views.SpecFile] = (),
     suite_record: dict[str, Any] | None = None,
     data_stats: dict[str, Any] | None = None,
+    published: Sequence[Path] = (),
+    figures: views.Figures | None = None,
 ) -> list[Path]:
     """Render every page from the run folders in `results_dir` and swap them in as `docs_dir`; return
     the pages written. `spec_files` (views.spec_files) adds specs not run yet and marks stale runs;
-    `suite_record` is results/suite.json; `data_stats` the data's stats.json (Method page figures)."""
+    `suite_record` is results/suite.json; `data_stats` the data's stats.json (Method page figures);
+    `published` snapshot folders (runner.publish) whose runs are shown beside the local ones, labelled;
+    `figures` draws the writeup's figures (runner.charts.writeup_figure; None: the writeup lists them
+    as not drawn)."""
     results_dir, docs_dir = Path(results_dir), Path(docs_dir)
     _check_docs_dir(docs_dir, results_dir)
     clean_staging(docs_dir)
-    report = Report.build(load_runs(results_dir))
+    report = Report.build(with_published(load_runs(results_dir), [Path(p) for p in published]))
+    snapshots = [(Path(p).name, read_snapshot_manifest(Path(p)) or {}) for p in published]
     stage = _new_stage(docs_dir)
     try:
         for keep in KEEP:
             if (docs_dir / keep).is_dir():
                 shutil.copytree(docs_dir / keep, stage / keep)
-        writer = _Writer(stage, draw)
-        _render_all(writer, report, list(spec_files), suite_record, data_stats or {})
+        writer = _Writer(stage, draw, figures)
+        _render_all(writer, report, list(spec_files), suite_record, data_stats or {}, snapshots)
         replace_dir(stage, docs_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -143,6 +163,7 @@ def _render_all(
     files: list[views.SpecFile],
     suite: dict[str, Any] | None,
     data_stats: dict[str, Any],
+    snapshots: list[tuple[str, dict[str, Any]]],
 ) -> None:
     entries = views.entries(report, files)
     rows = [views.row(e, report) for e in entries]
@@ -156,7 +177,7 @@ def _render_all(
     for group in views.PAGE_TITLES:
         w.page(f"insights/{group}.md", "insights_axis.md.j2", **views.axis_page(report, group, w.chart))
     w.page("insights/reading.md", "insights_reading.md.j2", **views.reading(report))
-    w.page("insights/summary.md", "insights_summary.md.j2", **views.summary(report))
+    w.page("insights/summary.md", "writeup.md.j2", **writeup.writeup(report, snapshots, w.figure, files))
     w.page("insights/index.md", "insights.md.j2", **views.insights_index(report))
     w.page("method.md", "method.md.j2", **views.method(report, data_stats, suite))
 
@@ -205,14 +226,34 @@ def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProce
     return proc
 
 
+def published_folders(choices: Sequence[str], root: Path = PUBLISHED) -> list[Path]:
+    """--published values -> snapshot folders: "auto" every snapshot under `root`, "none" nothing (it
+    cannot be combined), else each named folder, which must hold a snapshot manifest."""
+    if "none" in choices:
+        if len(choices) > 1:
+            raise SiteError("--published none cannot be combined with other --published values")
+        return []
+    out: list[Path] = []
+    for choice in choices:
+        found = find_snapshots(root) if choice == "auto" else [Path(choice)]
+        for folder in found:
+            if read_snapshot_manifest(folder) is None:
+                raise SiteError(f"--published {folder}: no snapshot manifest.json there "
+                                "(make one with `python -m runner publish --name NAME`)")
+            if folder.resolve() not in [f.resolve() for f in out]:
+                out.append(folder)
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     """`python -m runner site`: render docs/ from --results, then build site/ (skipped with --no-build).
     Exit status: 0 ok, 2 results that cannot become pages, else mkdocs' own."""
-    from runner.charts import comparison_chart
+    from runner.charts import comparison_chart, writeup_figure
 
     results = Path(args.results)
     suite_path = results / "suite.json"
     try:
+        published = published_folders(getattr(args, "published", None) or ["auto"])
         pages = render_site(
             results,
             ROOT / "docs",
@@ -220,11 +261,14 @@ def main(args: argparse.Namespace) -> int:
             spec_files=views.spec_files(ROOT / "experiments", ROOT),
             suite_record=read_json(suite_path) if suite_path.is_file() else None,
             data_stats=read_json(DATA_STATS) if DATA_STATS.is_file() else None,
+            published=published,
+            figures=writeup_figure,
         )
     except SiteError as e:
         print(e, file=sys.stderr)
         return 2
-    print(f"rendered {len(pages)} pages into {ROOT / 'docs'}")
+    shown = f" and {len(published)} published snapshot(s)" if published else ""
+    print(f"rendered {len(pages)} pages into {ROOT / 'docs'} from {results}{shown}")
     if getattr(args, "no_build", False):
         return 0
     return build_site(ROOT / "mkdocs.yml").returncode

@@ -19,7 +19,7 @@ from runner.charts import CAPTIONS, CHART_KINDS, TITLES
 from runner.insights import Assessed, AxisTable
 from runner.model_notes import model_notes
 from runner.report import Report
-from runner.results import SAMPLES_DIR, Run, Samples
+from runner.results import PUBLISHED_SOURCE, SAMPLES_DIR, Run, Samples
 from runner.spec import PROFILES, NoiseSpec, Spec, SpecError, TrainSpec, discover, load_spec
 from runner.statsfile import BIN_WIDTH, HIST_BINS, HIST_RANGE
 from runner.text import DASH, fmt, slugs
@@ -33,6 +33,9 @@ EXAMPLE_KINDS = ("stats", "hist", "dead")  # the charts the home page and readin
 
 # charts(runs, kind, path relative to docs/) -> None when drawn, else the error text to show.
 Charts = Callable[[Sequence[Run], str, str], "str | None"]
+# figures(name, runs, out path, **options) -> the written PNG: the writeup's figures
+# (runner.charts.writeup_figure is the real one).
+Figures = Callable[..., Path]
 
 
 # ---------------------------------------------------------------- the specs under experiments/
@@ -135,6 +138,7 @@ def row(e: Entry, report: Report) -> dict[str, Any]:
         "scale": spec.data.scale if spec else None,
         "status": status,
         "status_class": "missing" if run is None else run.status,
+        "source": source_label(run) if run is not None else DASH,
         "stale": e.stale,
         "profile": spec.profile if spec else DASH,
         "command": e.spec_file.command if run is None and e.spec_file else None,
@@ -156,7 +160,8 @@ def counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def experiments_index(report: Report, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"rows": rows, "counts": counts(rows), "profiles": list(PROFILES)}
+    published = any(r.source != "local" for r in report.runs)
+    return {"rows": rows, "counts": counts(rows), "profiles": list(PROFILES), "show_source": published}
 
 
 # ---------------------------------------------------------------- one run's page
@@ -274,7 +279,9 @@ def experiment_page(e: Entry, report: Report, notebook: tuple[bool, list[str]] |
 
 def source_label(run: Run) -> str:
     """"local run" or "published run (<snapshot>)": which folder a page's run comes from."""
-    return "local run" if run.source == "local" else f"published run ({run.source.removeprefix('published ')})"
+    if run.source == "local":
+        return "local run"
+    return f"published run ({run.source.removeprefix(PUBLISHED_SOURCE)})"
 
 
 def decoder_text(samples: Samples) -> str:
@@ -289,14 +296,15 @@ def decoder_text(samples: Samples) -> str:
         if d.r2_heldout is not None
         else "fit quality not recorded"
     )
-    return f"the preview decoder, a linear map from latents to {fmt(d.resolution)}×{fmt(d.resolution)} RGB ({fit})"
+    size = f"{fmt(d.resolution)}×{fmt(d.resolution)}"
+    return f"the preview decoder, a linear map from latents to {size} RGB ({fit})"
 
 
 def samples_view(samples: Samples | None, item: Assessed) -> dict[str, Any]:
     """The samples section of an experiment page: grids (paths relative to the page), the real latents'
     grid through the same decoder, latent statistics against the data's, and the decoder's fit."""
     if samples is None:
-        return {"state": "none", "reason": "this run folder holds no samples (made before sampling was added)"}
+        return {"state": "none", "reason": "this run folder holds no samples (made before sampling existed)"}
     if samples.status != "completed" or samples.data is None:
         return {"state": samples.status, "reason": samples.reason or "no reason was recorded"}
     data = samples.data
