@@ -245,5 +245,6 @@ def test_writeup_has_its_figures_reproduction_table_and_samples(built) -> None:
     assert 'src="../experiments/bad/samples/grid_originals.png"' in html
     # Every number of the "what was run" list comes from the snapshot manifest.
     text = " ".join(re.sub(r"<[^>]+>", "", html).split())
-    wanted = "Published snapshot quick: 6 runs, profile full, smoke, on cuda (fp16_unscaled, fp32), 6 min 09 s"
+    wanted = ("Published snapshot quick: 6 runs, profile full, smoke, on cuda (fp16_unscaled, fp32), "
+              "6 min 09 s")
     assert wanted in text
