@@ -88,6 +88,38 @@ def site(session: nox.Session) -> None:
     session.run("python", "-m", "runner", "site", *session.posargs)
 
 
+# What rendering and building the site imports (runner.site, views, charts, writeup): no torch, no
+# diffusers, no papermill, so `nox -s publish` installs in seconds rather than minutes. Keep in step with
+# pyproject.toml's dependencies (tests/test_publish.py checks the site imports neither torch nor diffusers).
+SITE_DEPS = (
+    "numpy>=1.24",
+    "matplotlib>=3.7",
+    "jinja2>=3.1",
+    "markupsafe>=2.1",
+    "nbformat>=5.9",
+    "mkdocs>=1.6,<2",
+    "mkdocs-material>=9.5",
+    "mkdocs-jupyter>=0.24",
+    "pyyaml>=6.0",
+    "pydantic>=2.5",
+    "pillow>=10",
+)
+
+
+@nox.session
+def publish(session: nox.Session) -> None:
+    """Build the site from the committed snapshot(s) under published/: no training, no torch.
+
+    Local results/ are shown too, labelled, when there are any. `nox -s publish -- --published
+    published/NAME` picks one snapshot; extra arguments go to `python -m runner site`.
+    """
+    session.install("--no-deps", "-e", ".")
+    session.install(*SITE_DEPS)
+    started = time.time()
+    session.run("python", "-m", "runner", "site", *(session.posargs or ["--published", "auto"]))
+    session.log(f"site built in {time.time() - started:.0f} s: open site/index.html")
+
+
 @nox.session
 def serve(session: nox.Session) -> None:
     """Render pages and serve the site at http://127.0.0.1:8000 with live reload."""

@@ -253,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
     results = Path(args.results)
     suite_path = results / "suite.json"
     try:
-        published = published_folders(getattr(args, "published", None) or ["auto"])
+        published = published_folders(getattr(args, "published", None) or ["auto"], ROOT / "published")
         pages = render_site(
             results,
             ROOT / "docs",

@@ -8,6 +8,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -248,3 +250,20 @@ def test_writeup_has_its_figures_reproduction_table_and_samples(built) -> None:
     wanted = ("Published snapshot quick: 6 runs, profile full, smoke, on cuda (fp16_unscaled, fp32), "
               "6 min 09 s")
     assert wanted in text
+
+
+def test_publish_and_the_published_site_import_neither_torch_nor_diffusers(snapshot, tmp_path) -> None:
+    from test_cli import _NO_TORCH
+
+    (tmp_path / "docs").mkdir()
+    commands = (
+        ["publish", "--name", "again", "--results", str(snapshot["results"]), "--out", str(tmp_path / "pub")],
+        ["site", "--no-build", "--results", str(tmp_path / "none"),
+         "--published", str(tmp_path / "pub" / "again")],
+    )
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path), *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert "RC 0 HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    page = (tmp_path / "docs" / "experiments" / "bad" / "index.md").read_text()
+    assert "published run (again)" in page and "samples/grid_real.png" in page
