@@ -158,9 +158,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="snapshot name (a folder name), e.g. the profile")
     p.add_argument("--results", default="results")
     p.add_argument("--out", default="published", help="folder of snapshots (default published/)")
-    p.add_argument("--charts", choices=("copy", "none"), default="copy",
-                   help="copy each run's charts into the snapshot (default), or leave them out")
+    p.add_argument("--charts", choices=("auto", "copy", "none"), default="auto",
+                   help="each run's charts: copied when the snapshot fits the size limit with them "
+                   "(auto, the default), always, or never")
     p.add_argument("--max-mb", type=float, default=20.0, help="refuse a snapshot larger than this")
+    p.add_argument("--max-rows", type=int, default=300,
+                   help="statistics rows kept per run (evenly spaced, first and last included)")
     p.set_defaults(func=_publish)
 
     # Listed for --help only: main() hands `encode ...` and `fit-decoder ...` to their own parsers.

@@ -9,7 +9,9 @@
 Each run folder of a snapshot is a run folder of the contract (`runner.results.load_runs` reads it, and
 its own manifest.json lists its files), so the Report, the charts and the pages work on it unchanged.
 Runs whose folder is damaged, or whose manifest does not verify, are reported and left out. A snapshot
-larger than the limit is refused (nothing is written): the site is meant to be cloned and built.
+larger than the limit is refused (nothing is written): the site is meant to be cloned and built. Its
+size is that of its distinct file contents, which is what the repository stores; the runs' charts are
+copied when they fit (--charts auto), since the comparison pages redraw every run from its statistics.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from runner import __version__
 from runner.files import replace_dir, write_json
-from runner.manifest import MANIFEST, manifest_key, verify, write_manifest
+from runner.manifest import MANIFEST, manifest_key, sha256_file, verify, write_manifest
 from runner.results import (
     METRICS_FILE,
     SAMPLES_DIR,
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "published"
 MAX_ROWS = 300
 MAX_MB = 20.0
-CHART_MODES = ("copy", "none")
+CHART_MODES = ("auto", "copy", "none")
 SNAPSHOT_MANIFEST = MANIFEST  # published/NAME/manifest.json (the run folders have their own)
 
 
@@ -79,8 +81,9 @@ def downsample(stats: Stats, limit: int = MAX_ROWS) -> Stats:
 # ---------------------------------------------------------------- one run
 
 
-def _publish_run(run: Run, out: Path, charts: str, limit: int) -> dict[str, Any]:
-    """Write the snapshot folder of one sound run; its entry in the snapshot manifest."""
+def _publish_run(run: Run, out: Path, limit: int) -> dict[str, Any]:
+    """Write the snapshot folder of one sound run (charts and manifest come later: see `publish`); its
+    entry in the snapshot manifest."""
     assert run.metrics is not None
     out.mkdir(parents=True)
     for name in (SPEC_FILE, METRICS_FILE):
@@ -96,11 +99,6 @@ def _publish_run(run: Run, out: Path, charts: str, limit: int) -> dict[str, Any]
         shutil.copyfile(run.folder / SAMPLES_FILE, out / SAMPLES_FILE)
         for grid in samples.grids.values():
             shutil.copyfile(run.folder / SAMPLES_DIR / grid, out / SAMPLES_DIR / grid)
-    if charts == "copy":
-        for stem, png in run.charts.items():
-            (out / "charts").mkdir(exist_ok=True)
-            shutil.copyfile(png, out / "charts" / f"{stem}.png")
-    write_manifest(out, {"published_from": manifest_key(run.folder) or {}})
     m, env = run.metrics, run.metrics.environment
     return {
         "id": run.id,
@@ -112,12 +110,24 @@ def _publish_run(run: Run, out: Path, charts: str, limit: int) -> dict[str, Any]
         "steps": m.steps_completed,
         "stats_rows": {"recorded": rows[0], "kept": rows[1]},
         "samples": samples.status if samples is not None else None,
-        "bytes": _size(out),
     }
 
 
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def _copy_charts(run: Run, out: Path) -> None:
+    for stem, png in run.charts.items():
+        (out / "charts").mkdir(exist_ok=True)
+        shutil.copyfile(png, out / "charts" / f"{stem}.png")
+
+
+def content_size(paths: list[Path]) -> int:
+    """Bytes of the distinct file contents among `paths`: what a repository stores (identical files, such
+    as the real-latent grid every run of one data set shares, are stored once)."""
+    sizes = {sha256_file(p): p.stat().st_size for p in paths if p.is_file()}
+    return sum(sizes.values())
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in Path(folder).rglob("*") if p.is_file()]
 
 
 def _left_out(run: Run) -> str | None:
@@ -126,6 +136,19 @@ def _left_out(run: Run) -> str | None:
         return f"damaged: {run.damage}"
     problem = verify(run.folder)
     return f"manifest does not verify: {problem}" if problem else None
+
+
+def _charts_decision(mode: str, runs: list[Run], stage: Path, max_bytes: float) -> str:
+    """"copied" or why not: with --charts auto, the runs' charts are copied only when the snapshot still
+    fits the size limit with them."""
+    if mode == "none":
+        return "left out (--charts none)"
+    if mode == "copy":
+        return "copied"
+    with_charts = content_size(_files(stage) + [p for r in runs for p in r.charts.values()])
+    if with_charts <= max_bytes:
+        return "copied"
+    return f"left out: {fmt(with_charts / 1e6)} MB with them is over the limit"
 
 
 # ---------------------------------------------------------------- the snapshot
@@ -159,7 +182,7 @@ class Snapshot:
         return int(self.manifest["size_bytes"])
 
 
-def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = "copy",
+def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = "auto",
             max_mb: float = MAX_MB, limit: int = MAX_ROWS) -> Snapshot:
     """Write `out_root/name/` from the sound runs in `results` (see the module docstring)."""
     from runner.site import _new_stage, clean_staging  # the site's staging: one scheme for both
@@ -169,6 +192,8 @@ def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = 
                            "(it becomes a folder name)")
     if charts not in CHART_MODES:
         raise PublishError(f"--charts {charts!r}: expected one of {', '.join(CHART_MODES)}")
+    if not 2 <= limit <= MAX_ROWS:
+        raise PublishError(f"--max-rows {limit}: expected 2 to {MAX_ROWS} (the first and last rows are kept)")
     runs = load_runs(results)
     if not runs:
         raise PublishError(f"{results}: no run folders to publish")
@@ -176,25 +201,36 @@ def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = 
     clean_staging(target)
     stage = _new_stage(target)
     try:
-        entries, left_out = [], []
+        entries, left_out, sound = [], [], []
         for run in runs:
             why = _left_out(run)
             if why:
                 left_out.append({"id": run.id, "reason": why})
                 print(f"{run.id}: left out ({why})", file=sys.stderr)
                 continue
-            entries.append(_publish_run(run, stage / run.id, charts, limit))
+            print(f"{run.id}: publishing", flush=True)
+            entries.append(_publish_run(run, stage / run.id, limit))
+            sound.append(run)
         if not entries:
             raise PublishError(f"{results}: no run folder is sound enough to publish "
                                f"({len(left_out)} left out)")
-        manifest = _manifest(name, runs, entries, left_out, charts)
-        size = _size(stage)
+        decision = _charts_decision(charts, sound, stage, max_mb * 1e6)
+        for run, entry in zip(sound, entries, strict=True):
+            if decision == "copied":
+                _copy_charts(run, stage / run.id)
+            write_manifest(stage / run.id, {"published_from": manifest_key(run.folder) or {}})
+            entry["bytes"] = content_size(_files(stage / run.id))
+        size = content_size(_files(stage))
         if size > max_mb * 1e6:
             biggest = sorted(entries, key=lambda e: -e["bytes"])[:3]
             names = ", ".join(f"{e['id']} {fmt(e['bytes'] / 1e6)} MB" for e in biggest)
             raise PublishError(f"snapshot {name}: {fmt(size / 1e6)} MB is over the {fmt(max_mb)} MB limit "
-                               f"(largest: {names}); try --charts none, or publish fewer runs")
-        manifest["size_bytes"] = size
+                               f"(largest: {names}); try --charts none, fewer --max-rows, or fewer runs")
+        if decision != "copied":
+            print(f"charts {decision}", file=sys.stderr)
+        manifest = _manifest(name, runs, entries, left_out, decision)
+        manifest.update(size_bytes=size, size_on_disk_bytes=sum(p.stat().st_size for p in _files(stage)),
+                        max_rows=limit)
         write_json(stage / SNAPSHOT_MANIFEST, manifest)
         replace_dir(stage, target)
     except BaseException:
@@ -222,7 +258,6 @@ def _manifest(name: str, runs: list[Run], entries: list[dict[str, Any]], left_ou
             "runner": _one_or_all([e.runner for e in envs]),
             "published_by": __version__,
         },
-        "max_rows": MAX_ROWS,
         "charts": charts,
         "runs": entries,
         "left_out": left_out,
@@ -253,11 +288,13 @@ def find_snapshots(root: Path = PUBLISHED) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        snap = publish(Path(args.results), args.name, Path(args.out), args.charts, args.max_mb)
+        snap = publish(Path(args.results), args.name, Path(args.out), args.charts, args.max_mb,
+                       args.max_rows)
     except PublishError as e:
         print(e, file=sys.stderr)
         return 2
     m = snap.manifest
-    print(f"published {len(m['runs'])} runs into {snap.path} ({fmt(snap.size_bytes / 1e6)} MB; "
-          f"profile {m['profile']}, device {m['device']}); {len(m['left_out'])} left out")
+    print(f"published {len(m['runs'])} runs into {snap.path}: {fmt(snap.size_bytes / 1e6)} MB of distinct "
+          f"files ({fmt(m['size_on_disk_bytes'] / 1e6)} MB on disk); profile {m['profile']}, device "
+          f"{m['device']}; charts {m['charts']}; {len(m['left_out'])} left out")
     return 0

@@ -274,6 +274,7 @@ def experiment_page(e: Entry, report: Report, notebook: tuple[bool, list[str]] |
         "notebook": None if notebook is None else {"readable": notebook[0], "errors": notebook[1]},
         "samples": samples_view(run.samples, item),
         "source": source_label(run),
+        "published": run.source != "local",
     }
 
 

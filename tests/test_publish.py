@@ -4,6 +4,7 @@ rendered beside local runs and built with `mkdocs build --strict`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -107,7 +108,8 @@ def _run(results: Path, spec, peak: float, seed: int, samples: str = "completed"
     write_metrics(folder, _metrics(spec, **metrics))
     save_stats(_stats(peak, seed), folder / "stats.npz")
     (folder / "charts").mkdir()
-    Image.new("RGB", (6, 4)).save(folder / "charts" / "stats.png")
+    pixels = np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "charts" / "stats.png")  # distinct per run, some 7 kB
     _samples(folder, samples)
     write_manifest(folder, {"spec": spec.content_hash()})
     return folder
@@ -172,8 +174,12 @@ def test_snapshot_manifest_and_left_out_runs(snapshot) -> None:
     assert {"torch", "diffusers", "python", "runner"} <= set(m["versions"]) and m["date"]
     assert all(r["wall_s"] == 61.5 and r["stats_rows"] == {"recorded": ROWS, "kept": 300} for r in m["runs"])
     top = snapshot["folder"] / "manifest.json"
-    size = sum(p.stat().st_size for p in snapshot["folder"].rglob("*") if p.is_file() and p != top)
-    assert m["size_bytes"] == size == snapshot["snap"].size_bytes < 20e6
+    files = [p for p in snapshot["folder"].rglob("*") if p.is_file() and p != top]
+    distinct = {hashlib.sha256(p.read_bytes()).hexdigest(): p.stat().st_size for p in files}
+    assert m["size_on_disk_bytes"] == sum(p.stat().st_size for p in files)
+    # The real-latent grid is the same file in every run: stored (and counted) once.
+    assert m["size_bytes"] == sum(distinct.values()) < m["size_on_disk_bytes"]
+    assert snapshot["snap"].size_bytes == m["size_bytes"] < 20e6 and m["charts"] == "copied"
     runs = load_runs(snapshot["folder"])  # every snapshot folder is a sound run folder of the contract
     assert [r.id for r in runs if r.damaged] == [] and len(runs) == 6
     assert not any(p.name.startswith(".") for p in snapshot["root"].joinpath("published").iterdir())
@@ -188,7 +194,17 @@ def test_publish_refuses_past_the_size_limit_and_keeps_the_previous_snapshot(sna
     assert (snapshot["folder"] / "manifest.json").read_text() == before
     assert main(["publish", "--name", "Bad/Name", "--results", str(snapshot["results"]),
                  "--out", str(tmp_path)]) == 2
+    assert main(["publish", "--name", "x", "--results", str(snapshot["results"]), "--out", str(tmp_path),
+                 "--max-rows", "301"]) == 2
     assert list(tmp_path.iterdir()) == []
+    # --charts auto leaves the charts out when the snapshot fits only without them.
+    without = [p for p in snapshot["folder"].rglob("*") if p.is_file() and "charts" not in p.parts
+               and p != snapshot["folder"] / "manifest.json"]
+    limit = (sum(p.stat().st_size for p in without) + 1000) / 1e6  # fits without the charts only
+    assert main(["publish", "--name", "auto", "--results", str(snapshot["results"]), "--out", str(tmp_path),
+                 "--max-mb", str(limit)]) == 0
+    m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert m["charts"].startswith("left out") and not list((tmp_path / "auto").glob("*/charts"))
 
 
 @pytest.fixture(scope="module")
