@@ -161,6 +161,11 @@ class TrainSpec(_Section):
     # A run whose loss is non-finite, or exceeds this multiple of its early level, is stopped as diverged.
     divergence_factor: StrictFloat = Field(20.0, gt=1)
     checkpoint: Literal["none", "final"] = "none"
+    # How the training forward runs: "none" eager; "default" or "reduce-overhead" through
+    # torch.compile with that mode ("reduce-overhead" replays CUDA graphs, which removes the kernel
+    # launch overhead of this small UNet on a GPU; on a CPU it compiles like "default" and gains
+    # nothing). Statistics hooks stay eager either way (see runner.stats), validation stays eager.
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
 
 class StatsSpec(_Section):

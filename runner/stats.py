@@ -174,7 +174,11 @@ class ActivationStats:
         return f"ActivationStats({len(self.names)} modules, {self.steps} steps, {state})"
 
     # -- hooks
+    # Hooks run eagerly under torch.compile (train.compile): compiled, their step counters would
+    # become guards and force a recompile at every step; disabled, the model graph breaks around
+    # each watched module and the statistics are computed by the same eager code as without it.
 
+    @torch.compiler.disable
     def _begin_step(self, module: nn.Module, args: Any) -> None:
         if not self.recording:
             self._active = False
@@ -191,10 +195,12 @@ class ActivationStats:
         self._steps += 1
         self._active = True
 
+    @torch.compiler.disable
     def _end_step(self, module: nn.Module, args: Any, out: Any) -> None:
         self._active = False
 
     def _make_hook(self, j: int) -> Callable[[nn.Module, Any, Any], None]:
+        @torch.compiler.disable
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if self._active:
                 x = _first_tensor(out)

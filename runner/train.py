@@ -44,6 +44,11 @@ EARLY_STEPS = 10
 CUDA_CHECK_EVERY = 25
 
 
+# The torch.compile backend for `train.compile` (tests swap in "aot_eager", which traces the same
+# graphs in seconds instead of generating kernels).
+COMPILE_BACKEND = "inductor"
+
+
 class PrecisionError(RuntimeError):
     """The spec asks for a numeric precision this device cannot run."""
 
@@ -77,6 +82,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             f"precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16"
         )
     return torch.bfloat16
+
+
+def training_forward(model: nn.Module, mode: str) -> nn.Module:
+    """The module the training step calls: `model` itself, or it compiled with `train.compile`'s mode.
+
+    The compiled module shares `model`'s parameters and hooks; only the training forward uses it
+    (validation switches BatchNorm modes, which would only add recompiles for two small passes).
+    """
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=mode, backend=COMPILE_BACKEND)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -249,6 +265,7 @@ def train(
 def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, progress: bool) -> None:
     spec, device = run.spec, run.device
     t = spec.train
+    forward = training_forward(model, t.compile)
     train_x, valid_x = splits.train.to(device), splits.valid.to(device)
     loader = BatchLoader(train_x, t.batch_size, shuffle=True, seed=t.seed, drop_last=True)
     valid_loader = BatchLoader(valid_x, t.batch_size, shuffle=False, seed=0, drop_last=False)
@@ -278,7 +295,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
         for xb in loader:
             (xt, tt), noise = noiser(xb, gen)
             with _autocast(device, amp):
-                pred = model(xt, tt)
+                pred = forward(xt, tt)
             loss = F.mse_loss(pred.float(), noise)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
