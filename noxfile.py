@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import nox
@@ -48,13 +49,29 @@ def run_all(session: nox.Session) -> None:
     `nox -s run_all -- --profile full` runs the original scale (for a GPU).
     """
     install_project(session)
-    # Exit status 1 means some experiment failed: still build the site (it shows the failure), then fail.
+    started = time.time()
+    # Exit status 1: some experiment failed or diverged. Still build the site (it shows why), then judge.
+    # 2 (bad input) and 3 (internal error) stop the session here.
     session.run("python", "-m", "runner", "run", "experiments", *session.posargs, success_codes=[0, 1])
+    suite = _results_dir(session.posargs) / "suite.json"
+    # A suite.json from an earlier run would report that run's outcomes as this one's.
+    if not suite.exists() or suite.stat().st_mtime < started:
+        session.error(f"{suite} is missing or older than this run: the runner stopped before finishing")
     session.run("python", "-m", "runner", "site")
-    runs = json.loads(Path("results/suite.json").read_text())["runs"]
+    runs = json.loads(suite.read_text())["runs"]
     failed = [r["id"] for r in runs if r["status"] == "failed"]
     if failed:
         session.error(f"experiments failed: {', '.join(failed)} (the site's experiments page shows why)")
+
+
+def _results_dir(args: list[str]) -> Path:
+    """The --results folder among the runner's arguments (default results/)."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--results="):
+            return Path(arg.split("=", 1)[1])
+        if arg == "--results" and i + 1 < len(args):
+            return Path(args[i + 1])
+    return Path("results")
 
 
 @nox.session

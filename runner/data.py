@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runner.files import write_text
 from runner.spec import DataSpec
 
 # Found from this file, not the working directory, so notebooks and tests run from anywhere.
@@ -58,6 +59,44 @@ def open_latents(root: str | Path = DATA_DIR) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: no latents file; encode images first with `python -m runner encode`")
     return np.load(path, mmap_mode="r")
+
+
+def latents_sha256(root: str | Path = DATA_DIR) -> str:
+    """The latents file's sha256, checked against the one recorded in stats.json (`sha256`).
+
+    Hashing 80 MB on every run would be wasted work, so the verified hash is remembered in a
+    sidecar stamp (`.<file>.sha256`, git-ignored) with the file's size and mtime: the file is
+    hashed again only when it may have changed. Raises DataError when the file no longer matches
+    stats.json (the statistics there may then be stale too).
+    """
+    root = Path(root)
+    recorded = read_stats(root).get("sha256")
+    path = root / read_stats(root).get("file", LATENTS_FILE)
+    if not path.exists():
+        raise DataError(f"{path}: no latents file; encode images first with `python -m runner encode`")
+    stat = path.stat()
+    stamp_path = root / f".{path.name}.sha256"
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    if isinstance(stamp, dict) and {k: stamp.get(k) for k in seen} == seen and stamp.get("sha256"):
+        digest = stamp["sha256"]
+    else:
+        from runner.manifest import sha256_file
+
+        digest = sha256_file(path)
+        try:
+            write_text(stamp_path, json.dumps({**seen, "sha256": digest}) + "\n")
+        except OSError:  # a read-only data folder: hash again next time
+            pass
+    if recorded and recorded != digest:
+        raise DataError(
+            f"{path}: its sha256 {digest[:12]}... differs from the {recorded[:12]}... recorded in "
+            f"{root / STATS_FILE}; the data changed: re-encode it, or record the new hash there"
+        )
+    return digest
 
 
 def _split_ranges(stats: dict[str, Any], n_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:

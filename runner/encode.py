@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from runner.data import DATA_DIR, KEYS_FILE, STATS_FILE, read_stats, split_sizes
 from runner.files import write_atomic, write_text
+from runner.manifest import sha256_file
 
 MODEL_ID = "stabilityai/sd-vae-ft-ema"
 BEDROOM_URL = "https://s3.amazonaws.com/fast-ai-imageclas/bedroom.tgz"
@@ -262,6 +263,7 @@ def finalise(out_dir: Path, settings: dict[str, Any]) -> int:
     stats = {
         **latent_stats(latents, n_train),
         "file": name,
+        "sha256": sha256_file(out_dir / name),  # recorded once; runner.data.latents_sha256 checks it
         "shape": list(latents.shape),
         "dtype": "float16",
         "split": {"train": [0, n_train], "valid": [n_train, len(keys)]},

@@ -1,33 +1,56 @@
 """Run specs through the template notebook with papermill, one result folder per spec.
 
-Each run is executed in a temporary folder beside its final place and moved into
-`results/<id>/` only when complete, so an interrupted suite never leaves a half-written run
-that looks finished. A cache keyed by the resolved spec's hash and the project version skips
-experiments whose inputs did not change. A failed or diverged experiment is recorded and the
-suite goes on.
+The API (the sequential suite and the distributed one both use it):
+
+- `execute_spec(spec, work, device)` runs one spec into an empty temporary folder and writes
+  `manifest.json` last (every file's size and sha256, and the cache key of the run);
+- `install_run(work, results, id)` moves a verified run folder to `results/<id>/` in one atomic
+  swap (Linux) or a rename scheme that `recover_results` completes after a crash;
+- `cache_hit(spec, run_dir)` is true only for a folder whose manifest verifies and whose key
+  (`cache_key`: spec, package source, data, torch and diffusers versions, device, precision) matches.
+
+A failed or diverged experiment is recorded and the suite goes on; so is any crash while handling
+one spec. Exit codes of `python -m runner run`: 0 all completed, 1 some experiment failed or
+diverged, 2 bad input (specs, data, results folder in use), 3 internal error.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runner import __version__
-from runner.files import read_json, write_json
-from runner.spec import Spec, SpecError, discover, load_spec
+from runner.faults import kill_point
+from runner.files import ExchangeUnsupported, exchange_dirs, read_json, write_json, write_text
+from runner.manifest import MANIFEST, manifest_key, verify, write_manifest
+from runner.spec import SAFE_ID, Spec, SpecError, discover, load_spec
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "experiment.ipynb"
 KERNEL = "python3"
 # Statuses that a rerun would only repeat: a cached completed or diverged run is kept.
 # A failed run is retried, since failures are usually about the environment.
 CACHEABLE = ("completed", "diverged")
+# Modules that only render reports from finished runs: their source is not part of the cache key.
+REPORT_ONLY = frozenset({"site.py", "insights.py"})
+# Temporary folders in results/: `.<id>.run-XXXX` (a run being written), `.<id>.old-XXXX` (a
+# previous run set aside during an install). Ids never contain a dot, so the id is recoverable.
+RUN_TAG, OLD_TAG = ".run-", ".old-"
+LOCK = ".lock"
+
+EXIT_OK, EXIT_EXPERIMENT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 log = logging.getLogger("runner.execute")
 
@@ -59,6 +82,14 @@ class Outcome:
     detail: str = ""  # divergence step or error message
 
 
+class RunError(RuntimeError):
+    """A run folder cannot be installed (its manifest does not verify)."""
+
+
+class ResultsBusy(RuntimeError):
+    """Another runner holds the results folder."""
+
+
 def collect_specs(paths: list[str | Path], profile: str) -> list[Spec]:
     """Load every spec named (files, or folders searched recursively), all before any work starts."""
     # Files named explicitly always run; a folder runs the specs whose `suites` include the profile.
@@ -83,59 +114,93 @@ def collect_specs(paths: list[str | Path], profile: str) -> list[Spec]:
     return specs
 
 
-def cache_hit(spec: Spec, run_dir: Path) -> bool:
-    try:
-        metrics = read_json(run_dir / "metrics.json")
-    except (FileNotFoundError, ValueError):
-        return False
-    return (
-        metrics.get("spec_hash") == spec.content_hash()
-        and metrics.get("environment", {}).get("runner") == __version__
-        and metrics.get("status") in CACHEABLE
-        and (run_dir / "notebook.ipynb").exists()
-    )
+def work_dir(results: Path, spec_id: str) -> Path:
+    """A new, empty temporary folder for one run, beside its final place (same filesystem: one rename)."""
+    results.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{spec_id}{RUN_TAG}", dir=results.resolve()))
 
 
-def run_one(spec: Spec, results: Path, device: str | None = None) -> Outcome:
-    """Execute the template notebook for `spec` into results/<id>/, atomically."""
+def execute_spec(spec: Spec, work: Path, device: str | None = None) -> None:
+    """Run the template notebook for `spec` into the empty folder `work`; manifest.json is written last.
+
+    An experiment's failure is recorded in metrics.json (status "failed", with the error) and never
+    raised; an exception here means the run folder could not be written at all.
+    """
     import papermill
 
+    work = work.resolve()  # the kernel runs in the run's folder: paths handed to it are absolute
+    work.mkdir(parents=True, exist_ok=True)
+    if any(work.iterdir()):
+        raise ValueError(f"{work}: a run needs an empty folder")
+    key = cache_key(spec, device)  # before the run: the key names the inputs the run was made from
+    write_text(work / "spec.yaml", spec.to_yaml())
+    try:
+        papermill.execute_notebook(
+            str(TEMPLATE),
+            str(work / "notebook.ipynb"),
+            parameters={
+                "spec_path": str(work / "spec.yaml"),
+                "out_dir": str(work),
+                "device": device or "",
+                "expected_python": sys.executable,
+            },
+            kernel_name=KERNEL,
+            progress_bar=False,
+            log_output=True,
+            cwd=str(work),
+        )
+    except Exception as e:  # the notebook failed: record why, keep what it wrote
+        _record_failure(spec, work, e)
+    kill_point("write-run")
+    if not (work / "charts").exists():
+        _fallback_charts(work)
+    write_manifest(work, key)
+
+
+def _fallback_charts(run_dir: Path) -> None:
+    """The notebook stopped before drawing: draw what the files allow (a run without charts is a run)."""
     from runner.charts import run_charts
 
-    start = time.perf_counter()
-    results = results.resolve()  # the kernel runs in the run's folder: paths handed to it are absolute
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.id}-", dir=results))
     try:
-        (tmp / "spec.yaml").write_text(spec.to_yaml())
+        run_charts(run_dir)
+    except Exception as e:
+        log.warning("%s: no fallback charts: %s", run_dir.name, _error_message(e))
+
+
+def install_run(work: Path, results: Path, spec_id: str) -> Outcome:
+    """Move the finished run `work` to results/<spec_id>, replacing any previous run in one step.
+
+    Refuses a folder whose manifest does not verify. Where the filesystem cannot swap two folders
+    atomically, the previous run is renamed aside first; `recover_results` repairs a crash between
+    the two renames at the next start, so a complete run is never lost.
+    """
+    problem = verify(work)
+    if problem:
+        raise RunError(f"{work.name}: not installed, {problem}")
+    final = results / spec_id
+    kill_point("install")
+    if not os.path.lexists(final):
+        os.rename(work, final)
+    else:
         try:
-            papermill.execute_notebook(
-                str(TEMPLATE),
-                str(tmp / "notebook.ipynb"),
-                parameters={
-                    "spec_path": str(tmp / "spec.yaml"),
-                    "out_dir": str(tmp),
-                    "device": device or "",
-                    "expected_python": sys.executable,
-                },
-                kernel_name=KERNEL,
-                progress_bar=False,
-                log_output=True,
-                cwd=str(tmp),
-            )
-        except Exception as e:  # the notebook failed: record why, keep what it wrote
-            _record_failure(spec, tmp, e)
-        metrics = read_json(tmp / "metrics.json")
-        if not (tmp / "charts").exists():
-            run_charts(tmp)  # the notebook stopped before drawing: draw what the files allow
-        _move_into_place(tmp, results / spec.id)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            exchange_dirs(work, final)  # now `work` holds the previous run
+        except ExchangeUnsupported:
+            aside = Path(tempfile.mkdtemp(prefix=f".{spec_id}{OLD_TAG}", dir=results))
+            os.rename(final, aside / spec_id)
+            os.rename(work, final)
+            work = aside
+        kill_point("installed")
+        shutil.rmtree(work, ignore_errors=True)
+    return read_outcome(final, cached=False)
+
+
+def read_outcome(run_dir: Path, cached: bool, seconds: float = 0.0) -> Outcome:
+    """The one place the suite reads a run's metrics.json."""
+    metrics = read_json(run_dir / "metrics.json")
     detail = metrics.get("error") or ""
     if metrics["status"] == "diverged":
         detail = f"diverged at step {metrics['diverged_at_step']}"
-    return Outcome(spec.id, metrics["status"], False, time.perf_counter() - start, detail)
+    return Outcome(run_dir.name, metrics["status"], cached, seconds, detail)
 
 
 def _record_failure(spec: Spec, run_dir: Path, error: Exception) -> None:
@@ -153,50 +218,200 @@ def _record_failure(spec: Spec, run_dir: Path, error: Exception) -> None:
     write_json(path, metrics)
 
 
-def _error_message(error: Exception) -> str:
+def _error_message(error: BaseException) -> str:
     ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)
     if ename:  # papermill's PapermillExecutionError carries the kernel's exception
         return f"{ename}: {evalue}"
     return "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{time.time_ns()}")
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# ---------------------------------------------------------------- the cache
+
+
+def cache_miss(spec: Spec, run_dir: Path, device: str | None = None) -> str | None:
+    """Why `run_dir` cannot serve `spec` ("" when there is no run at all); None for a cache hit."""
+    if not run_dir.exists():
+        return ""
+    problem = verify(run_dir)
+    if problem:
+        return f"damaged run folder: {problem}"
+    key, want = manifest_key(run_dir) or {}, cache_key(spec, device)
+    changed = sorted(k for k in set(key) | set(want) if key.get(k) != want.get(k))
+    if changed:
+        return f"inputs changed: {', '.join(changed)}"
+    status = read_outcome(run_dir, cached=True).status
+    if status not in CACHEABLE:
+        return f"previous run {status}"
+    return None
+
+
+def cache_hit(spec: Spec, run_dir: Path, device: str | None = None) -> bool:
+    return cache_miss(spec, run_dir, device) is None
+
+
+def cache_key(spec: Spec, device: str | None = None) -> dict[str, str]:
+    """Everything that changes a run's result, each part named so a miss can say which changed."""
+    return {
+        "spec": spec.content_hash(),
+        "source": source_hash(),
+        "data": data_sha256(),
+        "torch": _version("torch"),
+        "diffusers": _version("diffusers"),
+        "device": device_type(device),
+        "precision": spec.train.precision,
+    }
+
+
+@functools.cache
+def source_hash() -> str:
+    """sha256 over the package's source files and the template notebook (names and contents).
+
+    The reporting modules (REPORT_ONLY) never run inside an experiment, so editing a page does not
+    retrain the lab; tests/test_cache.py checks the notebook's imports load none of them.
+    """
+    package = Path(__file__).resolve().parent
+    files = sorted(
+        p for p in package.rglob("*.py") if "__pycache__" not in p.parts and p.name not in REPORT_ONLY
+    )
+    digest = hashlib.sha256()
+    for path in [*files, TEMPLATE]:
+        digest.update(path.relative_to(package.parent).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+@functools.cache
+def data_sha256() -> str:
+    from runner.data import latents_sha256  # imports torch: only when a key is needed
+
+    return latents_sha256()
+
+
+@functools.cache
+def device_type(device: str | None) -> str:
+    """The device kind a run lands on ("cpu", "cuda", ...), as the notebook picks it."""
+    if device:
+        return device.split(":", 1)[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _version(package: str) -> str:
+    return importlib.metadata.version(package)
+
+
+# ---------------------------------------------------------------- the results folder
+
+
+@contextmanager
+def open_results(results: Path) -> Iterator[Path]:
+    """Hold results/ for one runner (a lock file), after repairing what a killed runner left there."""
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResultsBusy(f"{results}: another runner is using this results folder") from None
+        recover_results(results)
+        yield results
+
+
+def recover_results(results: Path) -> list[str]:
+    """Remove the temporary folders of killed runs, first installing any that holds a newer finished run.
+
+    A `.<id>.run-*` folder whose manifest verifies is a finished run killed before or during its
+    install: it goes into place when results/<id> is missing, damaged or older. A `.<id>.old-*`
+    folder holds a previous run set aside by the two-rename install: it goes back only when
+    results/<id> is missing. Returns (and prints) what it did.
+    """
+    done: list[str] = []
+    orphans = [p for p in results.iterdir() if p.name.startswith(".") and p.is_dir()]
+    orphans.sort(key=lambda p: (OLD_TAG in p.name, -p.stat().st_mtime_ns))
+    for orphan in orphans:
+        spec_id = orphan.name[1:].split(".", 1)[0]
+        aside = OLD_TAG in orphan.name
+        candidate = orphan / spec_id if aside else orphan
+        if SAFE_ID.match(spec_id) and _restorable(candidate, results / spec_id, newer_wins=not aside):
+            install_run(candidate, results, spec_id)
+            done.append(f"{spec_id}: installed the finished run left in {orphan.name}")
+        if orphan.exists():
+            shutil.rmtree(orphan, ignore_errors=True)
+            done.append(f"removed {orphan.name}")
+    for line in done:
+        print(line, flush=True)
+    return done
+
+
+def _restorable(candidate: Path, final: Path, newer_wins: bool) -> bool:
+    if not candidate.is_dir() or verify(candidate):
+        return False
+    if not os.path.lexists(final):
+        return True
+    if not newer_wins:
+        return False
+    if verify(final):
+        return True
+    return (candidate / MANIFEST).stat().st_mtime_ns > (final / MANIFEST).stat().st_mtime_ns
+
+
+# ---------------------------------------------------------------- the suite
 
 
 def run_suite(
     specs: list[Spec], results: Path, force: bool = False, device: str | None = None
 ) -> list[Outcome]:
+    """Run each spec in turn (cached ones skipped); suite.json is always written, also for failures."""
     outcomes: list[Outcome] = []
     start = time.perf_counter()
-    for k, spec in enumerate(specs, 1):
-        elapsed = time.perf_counter() - start
-        head = f"[{k}/{len(specs)}] {spec.id}"
-        if not force and cache_hit(spec, results / spec.id):
-            status = read_json(results / spec.id / "metrics.json")["status"]
-            outcomes.append(Outcome(spec.id, status, True, 0.0))
-            print(f"{head}: cached ({status}), elapsed {elapsed:.0f}s", flush=True)
-            continue
-        print(f"{head}: running ({spec.profile} profile), elapsed {elapsed:.0f}s", flush=True)
-        outcome = run_one(spec, results, device)
-        outcomes.append(outcome)
-        extra = f": {outcome.detail}" if outcome.detail else ""
-        print(f"{head}: {outcome.status} in {outcome.seconds:.0f}s{extra}", flush=True)
-    write_json(
-        results / "suite.json",
-        {
-            "profile": specs[0].profile if specs else None,
-            "elapsed_s": time.perf_counter() - start,
-            "runs": [asdict(o) for o in outcomes],
-        },
-    )
+    results = results.resolve()
+    with open_results(results):
+        try:
+            for k, spec in enumerate(specs, 1):
+                head = f"[{k}/{len(specs)}] {spec.id}"
+                tic = time.perf_counter()
+                try:
+                    outcome = _run_or_reuse(spec, results, force, device, head, tic - start)
+                except Exception as e:  # a crash handling one spec is that spec's failure; the suite goes on
+                    log.error("%s: internal error\n%s", head, traceback.format_exc())
+                    outcome = Outcome(spec.id, "failed", False, 0.0, f"internal error: {_error_message(e)}")
+                outcome.seconds = 0.0 if outcome.cached else time.perf_counter() - tic
+                outcomes.append(outcome)
+                extra = f": {outcome.detail}" if outcome.detail else ""
+                print(
+                    f"{head}: {outcome.status}{' (cached)' if outcome.cached else ''}"
+                    f" in {outcome.seconds:.0f}s{extra}",
+                    flush=True,
+                )
+        finally:
+            kill_point("suite")
+            write_json(
+                results / "suite.json",
+                {
+                    "profile": specs[0].profile if specs else None,
+                    "complete": len(outcomes) == len(specs),
+                    "elapsed_s": time.perf_counter() - start,
+                    "runs": [asdict(o) for o in outcomes],
+                },
+            )
     return outcomes
+
+
+def _run_or_reuse(
+    spec: Spec, results: Path, force: bool, device: str | None, head: str, elapsed: float
+) -> Outcome:
+    run_dir = results / spec.id
+    reason = "forced" if force else cache_miss(spec, run_dir, device)
+    if reason is None:
+        return read_outcome(run_dir, cached=True)
+    why = f", {reason}" if reason else ""
+    print(f"{head}: running ({spec.profile} profile{why}), elapsed {elapsed:.0f}s", flush=True)
+    work = work_dir(results, spec.id)
+    try:
+        execute_spec(spec, work, device)
+        return install_run(work, results, spec.id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gone after a successful install
 
 
 def summary(outcomes: list[Outcome]) -> str:
@@ -211,15 +426,30 @@ def summary(outcomes: list[Outcome]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`python -m runner run`: exit 2 on invalid specs (nothing runs), 1 if any experiment failed."""
+    """`python -m runner run`: see the module docstring for the exit codes."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_CellChatter())
+    from runner.data import DataError
+
     try:
         specs = collect_specs(args.specs, args.profile)
-    except SpecError as e:
+        data_sha256()  # a data file that no longer matches its recorded hash is bad input
+    except (SpecError, DataError) as e:
         print(e, file=sys.stderr)
-        return 2
-    outcomes = run_suite(specs, Path(args.results), force=args.force, device=getattr(args, "device", None))
+        return EXIT_BAD_INPUT
+    try:
+        outcomes = run_suite(
+            specs, Path(args.results), force=args.force, device=getattr(args, "device", None)
+        )
+    except ResultsBusy as e:
+        print(e, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception:
+        traceback.print_exc()
+        print("internal error: the runner stopped (see above)", file=sys.stderr)
+        return EXIT_INTERNAL
     print(summary(outcomes))
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    if any(o.status in ("failed", "diverged") for o in outcomes):
+        return EXIT_EXPERIMENT_FAILED
+    return EXIT_OK

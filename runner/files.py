@@ -47,3 +47,33 @@ def write_json(path: Path, data: Any) -> Path:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class ExchangeUnsupported(OSError):
+    """This platform or filesystem cannot swap two paths in one step."""
+
+
+def exchange_dirs(a: Path, b: Path) -> None:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
+
+    After a crash at any instant each name holds one complete folder: either both as before or
+    both swapped. Raises ExchangeUnsupported where the kernel, libc or filesystem lacks it.
+    """
+    import ctypes
+    import ctypes.util
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        raise ExchangeUnsupported(errno.ENOSYS, "renameat2 is Linux only")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28
+        raise ExchangeUnsupported(errno.ENOSYS, "libc has no renameat2")
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise ExchangeUnsupported(err, f"renameat2 exchange: {os.strerror(err)}", str(a))
+        raise OSError(err, os.strerror(err), str(a), None, str(b))

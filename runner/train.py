@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,11 +28,12 @@ from tqdm import tqdm
 
 from runner import __version__
 from runner.data import BatchLoader, load_splits
+from runner.faults import kill_point
 from runner.files import write_json, write_text
 from runner.models import build
 from runner.noise import Noiser
 from runner.spec import Spec
-from runner.stats import ActivationStats
+from runner.stats import ActivationStats, save_stats
 
 # Validation noise is drawn from this seed every epoch, for every variant: same noise, comparable losses.
 VALID_NOISE_SEED = 1234
@@ -42,6 +44,9 @@ EARLY_STEPS = 10
 # On CUDA the loss is copied to the host (and checked) only every this many steps, so the GPU
 # never waits for the host; on CPU every step is checked (there is nothing to overlap).
 CUDA_CHECK_EVERY = 25
+CPU_CHECK_EVERY = 1
+# Per-step statistics arrays with the step on their first axis (`hist` has it last).
+_STEP_FIRST = ("mean", "std", "steps", "bucket_mean", "bucket_std", "bucket_dead", "bucket_count")
 
 
 # The torch.compile backend for `train.compile` (tests swap in "aot_eager", which traces the same
@@ -254,7 +259,7 @@ def train(
         raise
     finally:
         if stats.steps:
-            stats.save(out / "stats.npz")
+            save_stats(_trim_steps(stats.to_numpy(), run.diverged_at), out / "stats.npz")
         metrics = run.metrics()
         write_json(out / "metrics.json", metrics)
     if spec.train.checkpoint == "final" and run.status == "completed":
@@ -279,7 +284,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     gen = torch.Generator(device).manual_seed(t.seed)
     guard = DivergenceGuard(t.divergence_factor)
-    check_every = CUDA_CHECK_EVERY if device.type == "cuda" else 1
+    check_every = CUDA_CHECK_EVERY if device.type == "cuda" else CPU_CHECK_EVERY
     has_bn = bool(_batchnorms(model))
 
     # Outside a terminal (papermill logs every refresh as a line) the bar refreshes rarely.
@@ -308,6 +313,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             pending_loss.append(loss.detach())
             pending_gn.append(grad_norm.detach())
             bar.update()
+            kill_point("train")
             if len(pending_loss) >= check_every and _flush(run, guard, pending_loss, pending_gn, bar):
                 break
         else:  # the epoch ran to its end: check its last steps too
@@ -318,6 +324,9 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             return
         stats.recording = False
         _validate(run, model, valid_loader, noiser, amp, has_bn, epoch, first_step)
+        if run.status == "diverged":
+            bar.write(f"{spec.id}: non-finite validation loss after step {run.diverged_at}")
+            break
     bar.close()
 
 
@@ -335,10 +344,29 @@ def _flush(
     bad = guard.first_bad(values, first)
     if bad is not None:
         run.status, run.diverged_at = "diverged", bad
+        # Checked in batches (CUDA), steps after the bad one already ran: they are not part of the run.
+        del run.losses[bad + 1 :], run.grad_norms[bad + 1 :], run.lrs[bad + 1 :]
         bar.write(f"{run.spec.id}: diverged at step {bad} (loss {run.losses[bad]:.4g})")
         bar.close()
         return True
     return False
+
+
+def _trim_steps(stats: dict[str, Any], last_step: int | None) -> dict[str, Any]:
+    """Statistics without the rows recorded after `last_step` (the diverged step; None keeps all)."""
+    if last_step is None:
+        return stats
+    rows = len(stats["mean"])
+    steps = np.asarray(stats["steps"]) if "steps" in stats else np.arange(rows)
+    keep = steps <= last_step
+    if keep.all():
+        return stats
+    out = dict(stats)
+    for key in _STEP_FIRST:
+        if key in out:
+            out[key] = np.asarray(out[key])[keep]
+    out["hist"] = np.asarray(out["hist"])[..., keep]
+    return out
 
 
 def _validate(run: _Run, model, valid_loader, noiser, amp, has_bn: bool, epoch: int, first_step: int) -> None:
@@ -348,6 +376,8 @@ def _validate(run: _Run, model, valid_loader, noiser, amp, has_bn: bool, epoch: 
     if has_bn:
         with batch_statistics(model):
             valid_bs = evaluate(model, valid_loader, noiser, amp)
+    if not math.isfinite(valid) or (valid_bs is not None and not math.isfinite(valid_bs)):
+        run.status, run.diverged_at = "diverged", len(run.losses) - 1
     epoch_losses = [x for x in run.losses[first_step:] if math.isfinite(x)]
     run.epochs.append(
         {

@@ -119,3 +119,35 @@ def test_too_many_latents_is_refused_before_training(tmp_path):
     spec = build_spec({"id": "big", "data": {"size": 100_000}}, "test")
     with pytest.raises(DataError, match="encode"):
         train(spec, tmp_path, device="cpu", progress=False)
+
+
+def test_batched_divergence_check_trims_the_steps_after_the_bad_one(tmp_path, monkeypatch):
+    """Checked every 4 steps (as on CUDA), the record equals a run checked at every step."""
+    import runner.train
+
+    spec = tiny("boom", train={"lr": 1e4, "epochs": 4})
+    every_step = train(spec, tmp_path / "every", device="cpu", progress=False).metrics
+    monkeypatch.setattr(runner.train, "CPU_CHECK_EVERY", 4)
+    batched = train(spec, tmp_path / "batched", device="cpu", progress=False).metrics
+    assert every_step["status"] == batched["status"] == "diverged"
+    assert batched["diverged_at_step"] == every_step["diverged_at_step"]
+    assert batched["steps_completed"] == batched["diverged_at_step"] + 1
+    assert (batched["diverged_at_step"] + 1) % 4, "the oracle must diverge inside a batch of 4 checks"
+    for key in ("loss", "lr", "grad_norm"):
+        np.testing.assert_array_equal(batched["batches"][key], every_step["batches"][key], err_msg=key)
+    a, b = load_stats(tmp_path / "every" / "stats.npz"), load_stats(tmp_path / "batched" / "stats.npz")
+    assert b["mean"].shape[0] == b["hist"].shape[-1] == batched["steps_completed"]
+    np.testing.assert_array_equal(a["mean"], b["mean"])
+    np.testing.assert_array_equal(a["hist"], b["hist"])
+
+
+def test_non_finite_validation_loss_is_divergence_at_that_step(tmp_path, monkeypatch):
+    import runner.train
+
+    monkeypatch.setattr(runner.train, "evaluate", lambda *a, **k: math.nan)
+    result = train(tiny("nanvalid", train={"epochs": 3}), tmp_path, device="cpu", progress=False)
+    m = result.metrics
+    assert result.status == m["status"] == "diverged"
+    assert m["steps_completed"] == m["steps_per_epoch"] < m["steps_total"], "stopped after epoch 1"
+    assert m["diverged_at_step"] == m["steps_per_epoch"] - 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"][0]["valid_loss"] is None
