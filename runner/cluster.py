@@ -124,7 +124,7 @@ def unpack_folder(data: bytes, dest: Path) -> Path:
         for m in members:
             target = (dest / m.name).resolve()
             if not (m.isfile() or m.isdir()) or not target.is_relative_to(dest.resolve()):
-                raise ValueError(f"run folder archive: refusing member {m.name!r} (not a file inside the folder)")
+                raise ValueError(f"run folder archive: refusing {m.name!r} (not a file inside the folder)")
         tar.extractall(dest, members=members, filter="data")
     return dest
 
@@ -195,7 +195,8 @@ def describe(client) -> str:
     workers = info.get("workers", {})
     threads = sum(w.get("nthreads", 0) for w in workers.values())
     link = client.dashboard_link or "no dashboard"
-    return f"Dask: {len(workers)} workers ({threads} task slots) at {client.scheduler.address}; dashboard {link}"
+    where = client.scheduler.address
+    return f"Dask: {len(workers)} workers ({threads} task slots) at {where}; dashboard {link}"
 
 
 class _Bar:
@@ -229,62 +230,68 @@ def _running(client, futures) -> int:
     return sum(1 for tasks in processing.values() for k in tasks if k in keys)
 
 
+def dispatcher(workers: int | str | None, scheduler: str | None, device: str | None = None):
+    """The `execute.run_suite` dispatch for `--workers`/`--scheduler`; None means run in turn, here."""
+    if scheduler is None and workers is None:
+        return None
+
+    def dispatch(pending: list[Spec], results: Path, device: str | None, done) -> None:
+        n = None if workers in (None, "auto") else int(workers)
+        with open_client(n, scheduler, len(pending)) as client:
+            run_on_cluster(pending, results, device, client, done)
+
+    return dispatch
+
+
 def run_on_cluster(
     specs: list[Spec],
     results: Path,
     device: str | None,
     client,
-    on_done: Callable[[Spec, object], None],
+    done: Callable[[Spec, object], None],
 ) -> None:
     """Submit one task per spec; install each finished folder into results/ as it comes back.
 
-    `on_done(spec, outcome)` is called on the client as each experiment is installed, in the
-    order they finish. An experiment whose task could not finish (its workers kept dying, or the
-    task raised after its retries) is recorded as a failed run, as the sequential path records one.
+    `done(spec, outcome)` is called on the client as each experiment is installed, in the order
+    they finish. A spec whose task could not finish (its workers kept dying, or the task raised
+    after its retries) or whose folder does not verify is that spec's failure, as a crash is in
+    the sequential path: no folder is installed for it and the suite goes on.
     """
     from distributed import as_completed
+    from tqdm import tqdm
 
-    from runner import execute
-
-    results = results.resolve()
-    results.mkdir(parents=True, exist_ok=True)
     print(describe(client), flush=True)
-    by_key = {}
+    futures = {}
     for spec in specs:
-        future = client.submit(
-            run_task, spec, device, key=f"runner-{spec.id}-{time.time_ns()}", pure=False, retries=RETRIES
-        )
-        by_key[future.key] = (spec, future)
+        key = f"runner-{spec.id}-{time.time_ns()}"
+        futures[key] = (spec, client.submit(run_task, spec, device, key=key, pure=False, retries=RETRIES))
     bar = _Bar(len(specs), client)
-    futures = [f for _, f in by_key.values()]
     try:
-        for future in as_completed(futures):
-            spec = by_key[future.key][0]
+        for future in as_completed([f for _, f in futures.values()]):
+            spec = futures[future.key][0]
             outcome = _install(future, spec, results)
-            on_done(spec, outcome)
-            bar.update(futures, finished=True, failed=outcome.status == "failed")
+            with tqdm.external_write_mode():
+                done(spec, outcome)
+            bar.update([f for _, f in futures.values()], finished=True, failed=outcome.status == "failed")
     finally:
         bar.close()
-        for f in futures:
+        for _, f in futures.values():
             f.cancel()
 
 
 def _install(future, spec: Spec, results: Path):
+    """Unpack the task's folder beside results/ and install it (manifest verified); or the failure."""
     from runner import execute
 
-    incoming = Path(tempfile.mkdtemp(prefix=f".incoming-{spec.id}-", dir=results))
+    incoming = execute.work_dir(results, spec.id)  # recover_results cleans it up after a crash
     try:
-        try:
-            data, seconds = future.result()
-        except Exception as e:  # the task never produced a folder: record why, as a failed run
-            work = incoming / spec.id
-            work.mkdir()
-            execute.record_lost_run(spec, work, f"the Dask task failed: {execute.error_message(e)}")
-            seconds = 0.0
-        else:
-            work = unpack_folder(data, incoming / spec.id)
-        outcome = execute.install_run(work, results, spec.id)
+        data, seconds = future.result()
+        outcome = execute.install_run(unpack_folder(data, incoming), results, spec.id)
+        outcome.seconds = seconds
+        return outcome
+    except Exception as e:
+        outcome = execute.internal_error(spec, e)
+        execute.log.error("%s: %s", spec.id, outcome.detail)
+        return outcome
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
-    outcome.seconds = seconds
-    return outcome
