@@ -17,6 +17,7 @@ came back complete. Caching, failure records and suite.json stay in `execute.run
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import tarfile
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # itself outside the notebook (the notebook's own errors are recorded failures, not exceptions).
 ALLOWED_WORKER_DEATHS = 3
 RETRIES = 2
+CONNECT_TIMEOUT = "10s"
 # Environment variables that set a worker's compute threads (torch reads OMP_NUM_THREADS at start).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -85,9 +87,7 @@ def plan_workers(n: int, cores: int, gpus: list[str]) -> list[WorkerPlan]:
             "(one torch thread each) fit without oversubscribing the cores"
         )
     threads = max(1, cores // n)
-    return [
-        WorkerPlan(f"worker-{i}", threads, gpus[i % len(gpus)] if gpus else None) for i in range(n)
-    ]
+    return [WorkerPlan(f"worker-{i}", threads, gpus[i % len(gpus)] if gpus else None) for i in range(n)]
 
 
 def auto_workers(cores: int, gpus: list[str], pending: int) -> int:
@@ -153,10 +153,12 @@ def open_client(workers: int | None = None, scheduler: str | None = None, pendin
     import dask
     from distributed import Client
 
+    # The suite prints its own progress; Dask's INFO lines (workers starting, closing) would bury it.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}):
         if scheduler:
             try:
-                client = Client(scheduler, timeout="20s")
+                client = Client(scheduler, timeout=CONNECT_TIMEOUT)
             except OSError as e:
                 raise ClusterError(f"--scheduler {scheduler}: no Dask scheduler answered ({e})") from None
             with client:
