@@ -110,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="spec files or folders")
     p.add_argument("--results", default="results")
     p.add_argument("--force", action="store_true", help="rerun even when the cache is current")
+    p.add_argument(
+        "--device", help="cpu, cuda ... for every experiment (default: cuda where the run has one)"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--workers",
