@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_WORKER_DEATHS = 3
 RETRIES = 2
 CONNECT_TIMEOUT = "10s"
+REFRESH_S = 1.0  # how often the suite's progress line is redrawn while experiments run
 # Environment variables that set a worker's compute threads (torch reads OMP_NUM_THREADS at start).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -56,6 +58,7 @@ class WorkerPlan:
 
     def env(self) -> dict[str, str]:
         env = dict.fromkeys(THREAD_VARIABLES, str(self.threads))
+        env["DASK_LOGGING__DISTRIBUTED"] = "warning"  # the suite's progress line, not workers' INFO lines
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
         # Workers are fresh processes: they must import this checkout's runner, as the client does.
@@ -204,19 +207,19 @@ def describe(client) -> str:
 class _Bar:
     """One suite-level progress line: done / running / failed, elapsed and ETA (tqdm)."""
 
-    def __init__(self, total: int, client):
+    def __init__(self, total: int):
         from tqdm import tqdm
 
-        self.client = client
         self.failed = 0
+        # In a log (no terminal) every redraw would be kept: redraw only when an experiment ends.
+        self.live = sys.stderr.isatty()
         self.bar = tqdm(total=total, desc="suite", unit="exp", mininterval=1.0, dynamic_ncols=True)
 
-    def update(self, futures, finished: bool = False, failed: bool = False) -> None:
-        self.failed += failed
-        running = _running(self.client, futures)
+    def show(self, finished: int, running: int) -> None:
         self.bar.set_postfix_str(f"running {running}, failed {self.failed}", refresh=False)
-        self.bar.update(1 if finished else 0)
-        self.bar.refresh()
+        self.bar.update(finished)
+        if self.live or finished:
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -224,7 +227,7 @@ class _Bar:
 
 def _running(client, futures) -> int:
     """Tasks of ours that a worker is processing now (each worker runs one at a time)."""
-    keys = {f.key for f in futures if not f.done()}
+    keys = {f.key for f in futures}
     try:
         processing = client.processing()
     except Exception:  # progress is best effort: never stop the suite for it
@@ -232,7 +235,7 @@ def _running(client, futures) -> int:
     return sum(1 for tasks in processing.values() for k in tasks if k in keys)
 
 
-def dispatcher(workers: int | str | None, scheduler: str | None, device: str | None = None):
+def dispatcher(workers: int | str | None, scheduler: str | None):
     """The `execute.run_suite` dispatch for `--workers`/`--scheduler`; None means run in turn, here."""
     if scheduler is None and workers is None:
         return None
@@ -259,25 +262,33 @@ def run_on_cluster(
     after its retries) or whose folder does not verify is that spec's failure, as a crash is in
     the sequential path: no folder is installed for it and the suite goes on.
     """
-    from distributed import as_completed
     from tqdm import tqdm
 
     print(describe(client), flush=True)
-    futures = {}
+    submitted = {}
     for spec in specs:
         key = f"runner-{spec.id}-{time.time_ns()}"
-        futures[key] = (spec, client.submit(run_task, spec, device, key=key, pure=False, retries=RETRIES))
-    bar = _Bar(len(specs), client)
+        submitted[key] = (spec, client.submit(run_task, spec, device, key=key, pure=False, retries=RETRIES))
+    futures = [f for _, f in submitted.values()]
+    remaining = list(futures)
+    bar = _Bar(len(specs))
     try:
-        for future in as_completed([f for _, f in futures.values()]):
-            spec = futures[future.key][0]
-            outcome = _install(future, spec, results)
-            with tqdm.external_write_mode():
-                done(spec, outcome)
-            bar.update([f for _, f in futures.values()], finished=True, failed=outcome.status == "failed")
+        # Polled rather than blocking on the next result, so the bar's running count and clock move.
+        while remaining:
+            finished = [f for f in remaining if f.done()]
+            for future in finished:
+                remaining.remove(future)
+                spec = submitted[future.key][0]
+                outcome = _install(future, spec, results)
+                with tqdm.external_write_mode():
+                    done(spec, outcome)
+                bar.failed += outcome.status == "failed"
+            bar.show(len(finished), _running(client, remaining))
+            if not finished:
+                time.sleep(REFRESH_S)
     finally:
         bar.close()
-        for _, f in futures.values():
+        for f in futures:
             f.cancel()
 
 
