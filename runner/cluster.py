@@ -58,7 +58,6 @@ class WorkerPlan:
 
     def env(self) -> dict[str, str]:
         env = dict.fromkeys(THREAD_VARIABLES, str(self.threads))
-        env["DASK_LOGGING__DISTRIBUTED"] = "warning"  # the suite's progress line, not workers' INFO lines
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
         # Workers are fresh processes: they must import this checkout's runner, as the client does.
@@ -158,7 +157,13 @@ def open_client(workers: int | None = None, scheduler: str | None = None, pendin
 
     # The suite prints its own progress; Dask's INFO lines (workers starting, closing) would bury it.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS}):
+    # worker-saturation 1.0: a worker gets its next experiment when it finishes one, not before
+    # (the default 1.1 sends it one more, which then waits there while another worker may be idle).
+    config = {
+        "distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS,
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    with dask.config.set(config):
         if scheduler:
             try:
                 client = Client(scheduler, timeout=CONNECT_TIMEOUT)
@@ -184,7 +189,12 @@ def local_cluster(workers: int | None, pending: int):
     n = workers if workers is not None else auto_workers(cores, gpus, pending)
     plans = plan_workers(n, cores, gpus)
     specs = {
-        p.name: {"cls": Nanny, "options": {"nthreads": 1, "name": p.name, "env": p.env()}} for p in plans
+        p.name: {
+            "cls": Nanny,
+            # Workers' INFO lines (starting, connecting, closing) would bury the suite's progress line.
+            "options": {"nthreads": 1, "name": p.name, "env": p.env(), "silence_logs": logging.WARNING},
+        }
+        for p in plans
     }
     # Dashboard on a free port: two suites on one machine must not collide.
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
@@ -217,8 +227,9 @@ class _Bar:
 
     def show(self, finished: int, running: int) -> None:
         self.bar.set_postfix_str(f"running {running}, failed {self.failed}", refresh=False)
-        self.bar.update(finished)
-        if self.live or finished:
+        if finished:
+            self.bar.update(finished)
+        elif self.live:
             self.bar.refresh()
 
     def close(self) -> None:
@@ -226,13 +237,14 @@ class _Bar:
 
 
 def _running(client, futures) -> int:
-    """Tasks of ours that a worker is processing now (each worker runs one at a time)."""
+    """Tasks of ours that workers are running now: those assigned to a worker, up to its threads
+    (a scheduler may queue a task or two more on a worker than it has threads)."""
     keys = {f.key for f in futures}
     try:
-        processing = client.processing()
+        processing, threads = client.processing(), client.nthreads()
     except Exception:  # progress is best effort: never stop the suite for it
         return 0
-    return sum(1 for tasks in processing.values() for k in tasks if k in keys)
+    return sum(min(threads.get(w, 1), sum(k in keys for k in tasks)) for w, tasks in processing.items())
 
 
 def dispatcher(workers: int | str | None, scheduler: str | None):
