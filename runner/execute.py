@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,12 @@ REPORT_ONLY = frozenset({"site.py", "insights.py"})
 # Temporary folders in results/: `.<id>.run-XXXX` (a run being written), `.<id>.old-XXXX` (a
 # previous run set aside during an install). Ids never contain a dot, so the id is recoverable.
 RUN_TAG, OLD_TAG = ".run-", ".old-"
+# Only folders named like these are ever removed (also those of runners before the tags: `.<id>-XXXXXXXX`
+# and `.old-<id>-<ns>`), so `--results .` never touches `.git` or `.venv`.
+ORPHAN = re.compile(
+    r"^\.(?:[a-z0-9][a-z0-9_-]{0,99}\.(?:run|old)-[a-z0-9_]+|[a-z0-9][a-z0-9_-]{0,99}-[a-z0-9_]{8}"
+    r"|old-[a-z0-9][a-z0-9_-]{0,99}-\d+)$"
+)
 LOCK = ".lock"
 
 EXIT_OK, EXIT_EXPERIMENT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -151,6 +158,8 @@ def execute_spec(spec: Spec, work: Path, device: str | None = None) -> None:
         )
     except Exception as e:  # the notebook failed: record why, keep what it wrote
         _record_failure(spec, work, e)
+    if not (work / "metrics.json").exists():  # a notebook that ends without training is no result
+        _record_failure(spec, work, RuntimeError("the notebook ended without writing metrics.json"))
     kill_point("write-run")
     if not (work / "charts").exists():
         _fallback_charts(work)
@@ -170,10 +179,18 @@ def _fallback_charts(run_dir: Path) -> None:
 def install_run(work: Path, results: Path, spec_id: str) -> Outcome:
     """Move the finished run `work` to results/<spec_id>, replacing any previous run in one step.
 
-    Refuses a folder whose manifest does not verify. Where the filesystem cannot swap two folders
-    atomically, the previous run is renamed aside first; `recover_results` repairs a crash between
-    the two renames at the next start, so a complete run is never lost.
+    Refuses a folder whose manifest does not verify. A `work` folder outside `results` (another
+    filesystem) is copied into a temporary folder there first and left to its caller. Where the
+    filesystem cannot swap two folders atomically, the previous run is renamed aside first;
+    `recover_results` repairs a crash between the two renames at the next start, so a complete
+    run is never lost.
     """
+    results = results.resolve()
+    if work.resolve().parent != results:
+        staged = work_dir(results, spec_id)
+        staged.rmdir()
+        shutil.copytree(work, staged)
+        work = staged
     problem = verify(work)
     if problem:
         raise RunError(f"{work.name}: not installed, {problem}")
@@ -326,7 +343,7 @@ def recover_results(results: Path) -> list[str]:
     results/<id> is missing. Returns (and prints) what it did.
     """
     done: list[str] = []
-    orphans = [p for p in results.iterdir() if p.name.startswith(".") and p.is_dir()]
+    orphans = [p for p in results.iterdir() if ORPHAN.match(p.name) and p.is_dir()]
     orphans.sort(key=lambda p: (OLD_TAG in p.name, -p.stat().st_mtime_ns))
     for orphan in orphans:
         spec_id = orphan.name[1:].split(".", 1)[0]
@@ -476,6 +493,8 @@ def main(args: argparse.Namespace) -> int:
     except (SpecError, DataError) as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception:
+        return _internal_error()
     from runner.cluster import ClusterError, dispatcher
 
     workers, scheduler = getattr(args, "workers", None), getattr(args, "scheduler", None)
@@ -493,10 +512,14 @@ def main(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:
-        traceback.print_exc()
-        print("internal error: the runner stopped (see above)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal_error()
     print(summary(outcomes))
     if any(o.status in ("failed", "diverged") for o in outcomes):
         return EXIT_EXPERIMENT_FAILED
     return EXIT_OK
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print("internal error: the runner stopped (see above); please report it", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -53,7 +53,7 @@ def verify(folder: Path) -> str | None:
         manifest = read_json(folder / MANIFEST)
         files = manifest["files"]
     except FileNotFoundError:
-        return "no manifest.json (the run was interrupted before it finished)"
+        return "no manifest.json (the run was interrupted, or made by an older runner)"
     except (ValueError, KeyError, TypeError, OSError) as e:
         return f"unreadable manifest.json ({type(e).__name__})"
     listed = set(files)

@@ -249,3 +249,33 @@ def test_a_second_runner_on_the_same_results_is_refused(tmp_path):
         with pytest.raises(execute.ResultsBusy):
             with execute.open_results(results):
                 pass
+
+
+def test_a_finished_run_killed_before_its_install_is_installed_not_retrained(tmp_path):
+    s = spec("a")
+    results = tmp_path / "results"
+    # Manifest times set by hand: writes within one clock tick can share an mtime.
+    for name, status, when in (("a", "failed", 2), (".a.run-1", "diverged", 1), (".a.run-2", "completed", 3)):
+        os.utime(fake_run(results / name, s, status=status) / "manifest.json", ns=(when, when))
+    recover_results(results)
+    assert sorted(p.name for p in results.iterdir()) == ["a"]
+    assert read_json(results / "a" / "metrics.json")["status"] == "completed"
+    recover_results(results)
+    assert read_json(results / "a" / "metrics.json")["status"] == "completed"
+
+
+def test_a_run_written_elsewhere_is_copied_then_installed(tmp_path):
+    s = spec("a")
+    outside = fake_run(tmp_path / "worker" / "a", s)
+    results = tmp_path / "results"
+    assert install_run(outside, results, "a").status == "completed"
+    assert verify(results / "a") is None and sorted(p.name for p in results.iterdir()) == ["a"]
+    assert outside.is_dir(), "the caller's folder is the caller's to remove"
+
+
+def test_recovery_removes_only_the_runners_own_temporary_folders(tmp_path):
+    names = [".a.run-k2j_x9q1", ".a.old-abc", ".a-k2j_x9q1", ".old-a-1733000000000", ".git", ".venv", ".x-y"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    recover_results(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".git", ".venv", ".x-y"]

@@ -1,26 +1,23 @@
-"""Kill -9 the runner at named points of a 3-spec smoke suite, then rerun it.
+"""Kill -9 the runner at named points of a 3-spec smoke suite; each rerun goes on from what is left.
 
 Each kill uses the test instrumentation in `runner/faults.py`: with RUNNER_KILL_AT=POINT[:N] the
 process that reaches kill point POINT for the N-th time SIGKILLs the runner's process group (the
-runner and its notebook kernel), like `kill -9`. After each kill, and again after an ordinary
-rerun:
+runner and its notebook kernel), like `kill -9`. The kills form one chain (each killed run is the
+rerun of the one before, so every finished run is trained once), then an ordinary run finishes:
 
-- no published run is half written: every results/<id>/ has a manifest that verifies;
-- the rerun retrains no finished run (finished before the kill, or finished and killed while
-  being installed) and ends with all three runs current and a fresh, complete suite.json.
+- after every kill, no published run is half written (every results/<id>/ has a manifest that
+  verifies) and no suite.json claims the killed run;
+- each run trains exactly the specs that had not finished (nothing finished is retrained);
+- the last run trains nothing and ends with all three runs current and a fresh, complete suite.json.
 
-One baseline suite is trained once; each point starts from a copy of it in which run `b` is stale
-(its recorded key names other source code), so the killed run retrains only `b`.
-
-Adding a point (e.g. the site's `render` and `swap`): put `kill_point("NAME")` in the code and a
-`Point` below; `command` says which command of the scenario carries the kill, `retrains` whether
-the rerun must train `b` again.
+Run `b` starts with a previous run already in place (made by hand, with a stale key), so its
+install swaps an old complete run for the new one. Adding a point (e.g. the site's `render` and
+`swap`): put `kill_point("NAME")` in the code and a `Point` in CHAIN, with the command it runs in.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.execute import cache_miss
+from runner.execute import cache_key, cache_miss
 from runner.files import read_json, write_json
-from runner.manifest import verify
+from runner.manifest import verify, write_manifest
 from runner.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,17 +45,18 @@ pytestmark = pytest.mark.slow
 
 @dataclass(frozen=True)
 class Point:
-    name: str  # the kill_point name (RUNNER_KILL_AT)
-    retrains: bool  # the rerun must train `b` again (it had not finished when killed)
+    kill_at: str  # RUNNER_KILL_AT: the kill point's name and which hit (1 = the first)
+    trains: tuple[str, ...]  # the specs this run starts training before it is killed
     command: str = "run"
 
 
-POINTS = [
-    Point("train", retrains=True),  # inside the notebook kernel, after the first optimiser step
-    Point("write-run", retrains=True),  # notebook done, charts and manifest not yet written
-    Point("install", retrains=False),  # run complete and verified, not yet moved into results/
-    Point("installed", retrains=False),  # swapped into place, previous run not yet removed
-    Point("suite", retrains=False),  # every run installed, suite.json not yet written
+CHAIN = [
+    Point("train:1", trains=("a",)),  # in the notebook kernel, after a's first optimiser step
+    Point("write-run:2", trains=("a", "b")),  # a installed; b's notebook done, manifest not written
+    Point("install:1", trains=("b",)),  # b complete and verified, not yet moved into results/
+    # Recovery installs b's finished run, swapping out the old b: killed before removing it.
+    Point("installed:1", trains=()),
+    Point("suite:1", trains=("c",)),  # every run installed, suite.json not yet written
 ]
 
 
@@ -90,48 +88,51 @@ def _published(results: Path) -> list[Path]:
     return sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _stamps(results: Path) -> dict[str, int]:
-    return {p.name: (p / "notebook.ipynb").stat().st_mtime_ns for p in _published(results)}
+def _trained(output: str) -> tuple[str, ...]:
+    return tuple(i for i in IDS if f"] {i}: running" in output)
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("kills")
+def _old_run(project: Path, spec_id: str) -> None:
+    """A complete previous run of `spec_id` made under other source code (so it must be redone)."""
+    spec = load_spec(project / "experiments" / f"{spec_id}.yaml", "smoke")
+    run = project / "results" / spec_id
+    run.mkdir(parents=True)
+    (run / "spec.yaml").write_text(spec.to_yaml())
+    write_json(run / "metrics.json", {"id": spec_id, "status": "completed", "diverged_at_step": None})
+    write_manifest(run, {**cache_key(spec), "source": "an older runner"})
+
+
+def test_kills_lose_nothing_and_retrain_nothing_finished(tmp_path):
+    project = tmp_path
     (project / "experiments").mkdir()
     for seed, spec_id in enumerate(IDS):
         (project / "experiments" / f"{spec_id}.yaml").write_text(SPEC.format(id=spec_id, seed=seed))
-    done = _run(project)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return project
-
-
-@pytest.mark.parametrize("point", POINTS, ids=lambda p: p.name)
-def test_a_kill_loses_nothing_and_the_rerun_finishes_the_suite(baseline, tmp_path, point):
-    project = tmp_path / "project"
-    shutil.copytree(baseline, project, symlinks=True)
+    _old_run(project, "b")
     results = project / "results"
-    manifest = read_json(results / "b" / "manifest.json")
-    write_json(results / "b" / "manifest.json", {**manifest, "key": {**manifest["key"], "source": "old"}})
-    kept = {k: v for k, v in _stamps(results).items() if k != "b"}
-    suite_before = (results / "suite.json").stat().st_mtime_ns
-
-    killed = _run(project, kill_at=point.name)
-    assert killed.returncode == -9, f"the runner was not killed at {point.name}:\n{killed.stdout[-3000:]}"
-    for run in _published(results):
-        assert verify(run) is None, f"after the kill at {point.name}, {run.name} is published half written"
-    assert (results / "suite.json").stat().st_mtime_ns == suite_before, "no suite.json from a killed run"
+    finished: dict[str, int] = {}  # id -> its notebook's mtime when it was published
+    for point in CHAIN:
+        killed = _run(project, kill_at=point.kill_at)
+        out = killed.stdout + killed.stderr
+        assert killed.returncode == -9, f"not killed at {point.kill_at}:\n{out[-3000:]}"
+        assert _trained(killed.stdout) == point.trains, f"{point.kill_at}:\n{out[-3000:]}"
+        assert not (results / "suite.json").exists(), "no suite.json from a killed run"
+        for run in _published(results):
+            assert verify(run) is None, f"after the kill at {point.kill_at}, {run.name} is half written"
+            stamp = (run / "notebook.ipynb").stat().st_mtime_ns if (run / "notebook.ipynb").exists() else 0
+            # The hand-made old run has no notebook (0); a trained run's notebook never changes again.
+            assert finished.get(run.name, 0) in (0, stamp), f"{run.name} was retrained"
+            finished[run.name] = stamp
 
     start = time.time()
-    rerun = _run(project)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    trained = {i for i in IDS if f"] {i}: running" in rerun.stdout}
-    assert trained == ({"b"} if point.retrains else set()), rerun.stdout[-2000:]
-    assert {k: v for k, v in _stamps(results).items() if k != "b"} == kept, "a finished run was retrained"
+    last = _run(project)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert _trained(last.stdout) == (), "a finished run was retrained:\n" + last.stdout[-2000:]
     assert [p.name for p in _published(results)] == list(IDS)
     for spec_id in IDS:
         spec = load_spec(project / "experiments" / f"{spec_id}.yaml", "smoke")
         assert cache_miss(spec, results / spec_id) is None, spec_id
+        assert (results / spec_id / "notebook.ipynb").stat().st_mtime_ns == finished[spec_id], spec_id
     suite = read_json(results / "suite.json")
     assert (results / "suite.json").stat().st_mtime >= start - 1 and suite["complete"]
-    assert [r["status"] for r in suite["runs"]] == ["completed"] * 3
+    assert [(r["status"], r["cached"]) for r in suite["runs"]] == [("completed", True)] * 3
     assert not [p.name for p in results.iterdir() if p.name.startswith(".") and p.is_dir()]

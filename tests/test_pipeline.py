@@ -71,7 +71,7 @@ def test_failed_experiment_is_recorded_and_the_suite_goes_on(suite):
             assert (run / name).is_file(), f"{run_id}/{name}"
         nb = json.loads((run / "notebook.ipynb").read_text())
         assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not [p for p in results.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+    assert not [p for p in results.iterdir() if p.name.startswith(".") and p.is_dir()], "no temporary folder"
     summary = json.loads((results / "suite.json").read_text())
     assert {r["id"]: r["cached"] for r in summary["runs"]} == {
         "tiny_batch": True,
