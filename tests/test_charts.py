@@ -50,6 +50,7 @@ def _metrics(
         "steps_per_epoch": SPE,
         "steps_completed": len(losses),
         "steps_total": STEPS,
+        "schedule_steps": STEPS,
         "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
         "epochs": epochs,
         "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},

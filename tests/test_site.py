@@ -87,6 +87,7 @@ def _metrics(spec, status: str, train: float | None, valid: float | None, error:
         "steps_per_epoch": 6,
         "steps_completed": steps,
         "steps_total": 6,
+        "schedule_steps": 6,
         "batches": {
             "loss": [1.0, 0.8, 0.7, 0.6, 0.55, 0.5][:steps],
             "lr": [1e-3] * steps,
