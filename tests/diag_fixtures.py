@@ -46,7 +46,8 @@ def gap_epochs(gaps: list[float], valid: list[float], valid_bs: list[float]) -> 
     """Epochs whose first layer's variance gap is `gaps[i]` (the other gaps a tenth of it)."""
     return [
         {"epoch": i + 1, "train_loss": 0.3, "valid_loss": v, "valid_loss_batch_stats": b,
-         "bn_running_gap": {LAYERS[0]: {"mean": g / 10, "var": g}, LAYERS[1]: {"mean": g / 10, "var": g / 10}}}
+         "bn_running_gap": {LAYERS[0]: {"mean": g / 10, "var": g},
+                            LAYERS[1]: {"mean": g / 10, "var": g / 10}}}
         for i, (g, v, b) in enumerate(zip(gaps, valid, valid_bs, strict=True))
     ]
 

@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
 XSS = "<script>alert(1)</script>"
 KINDS = ("loss", "stats", "hist", "dead")
-INSIGHT_PAGES = ("index", "summary", "architecture", "hyperparameters", "reading")
+INSIGHT_PAGES = (
+    "index", "summary", "architecture", "hyperparameters", "ablations", "reproductions", "reading"
+)
 
 
 # ---------------------------------------------------------------- fabricated run folders
@@ -219,7 +221,8 @@ def test_page_list_and_copied_files(built) -> None:
             "experiments/index.md",
             "comparisons/index.md",
             *(f"insights/{p}.md" for p in INSIGHT_PAGES),
-            *(f"comparisons/{k}.md" for k in KINDS),
+            *(f"comparisons/{k}.md" for k in (*KINDS, "timestep")),
+            "reproduction.md",
             *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run", "no-metrics")),
         ]
     )
