@@ -543,7 +543,7 @@ CAPTIONS.update({
     "mean (in validation standard deviations) and variance (as a log ratio) are from its input's on the "
     f"validation batches; the dashed line is the mismatch limit ({fmt(RUNNING_GAP_LIMIT)}).",
     "buckets_std": "Each watched module's activation std at every training step, split by the noise level t "
-    "of the samples (one line per bucket of t, darker = less noise; smoothed with a moving average, gaps "
+    "of the samples (one line per bucket of t, darker = noisier; smoothed with a moving average, gaps "
     "where a bucket had no sample).",
     "buckets_dead": "Each watched module's dead share (|a| in the lowest histogram bin) at every training "
     "step, split by the noise level t of the samples (one line per bucket of t; smoothed, gaps where a "
@@ -642,6 +642,10 @@ def _epoch_dicts(run: Run) -> list[dict[str, Any]]:
 def bucket_chart(run: Run, stat: str, out: str | os.PathLike[str]) -> Path:
     """One run's statistic by timestep bucket over training: a panel per watched module (wrapped at WRAP
     a row, shared axes), a line per bucket of t (moving average over the recorded steps)."""
+    return _save(_bucket_figure(run, stat), Path(out))
+
+
+def _bucket_figure(run: Run, stat: str) -> Figure:
     if not has_buckets(run):
         raise ValueError(f"{run.id}: no statistics by timestep bucket to draw")
     assert run.stats is not None and run.stats.buckets is not None
@@ -670,13 +674,17 @@ def bucket_chart(run: Run, stat: str, out: str | os.PathLike[str]) -> Path:
     _top_legend(fig, axes.flat[0].get_legend_handles_labels()[0], k)
     _fix_outer_labels(axes, drawn)
     _title(fig, [_Run.of(run)], f"{BUCKET_STATS[stat]} by timestep bucket")
-    return _save(fig, Path(out))
+    return fig
 
 
 def bucket_comparison(runs: Sequence[Run], stat: str, out: str | os.PathLike[str]) -> Path:
     """Several runs' statistic per timestep bucket: a panel per module (names in order of first appearance,
     wrapped at WRAP a row, shared axes), x = the bucket's middle t, one colour per run; solid = the mean
     over the last WINDOW_SHARE of recorded steps, dotted = over the first (the health measures' windows)."""
+    return _save(_bucket_comparison_figure(runs, stat), Path(out))
+
+
+def _bucket_comparison_figure(runs: Sequence[Run], stat: str) -> Figure:
     drawable = [r for r in runs if has_buckets(r)]
     if not drawable:
         raise ValueError("bucket_comparison: none of the runs has statistics by timestep bucket")
@@ -719,7 +727,7 @@ def bucket_comparison(runs: Sequence[Run], stat: str, out: str | os.PathLike[str
     _fix_outer_labels(axes, drawn)
     _title(fig, [_Run.of(r) for r in runs], f"{BUCKET_STATS[stat]} by timestep bucket",
            xlabel="noise level t (bucket middle)")
-    return _save(fig, Path(out))
+    return fig
 
 
 def diagnostic_chart(runs: Sequence[Run], kind: str, out: str | os.PathLike[str]) -> Path:

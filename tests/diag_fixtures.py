@@ -69,11 +69,12 @@ def stats(path: Path, steps: int = 8, buckets: int | None = 4, seed: int = 0) ->
     save_stats(arrays, path)
 
 
-def run_folder(results: Path, s: Spec, m: Metrics, with_stats: bool = True, buckets: int | None = 4) -> Path:
+def run_folder(results: Path, s: Spec, m: Metrics, with_stats: bool = True, buckets: int | None = 4,
+               steps: int = 8) -> Path:
     d = Path(results) / s.id
     d.mkdir(parents=True)
     (d / "spec.yaml").write_text(s.to_yaml())
     write_metrics(d, m)
     if with_stats:
-        stats(d / "stats.npz", buckets=buckets)
+        stats(d / "stats.npz", steps=steps, buckets=buckets)
     return d

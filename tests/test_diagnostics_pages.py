@@ -192,3 +192,43 @@ def test_site_with_diagnostics_builds_strict(project) -> None:
     assert proc.returncode == 0 and not re.search(r"^WARNING", proc.stderr, re.M), proc.stderr[-4000:]
     for rel in ("reproduction.html", "insights/ablations.html", "comparisons/timestep.html"):
         assert (root / "site" / rel).is_file(), rel
+
+
+# ---------------------------------------------------------------- the bucket charts' data
+
+
+def _lines(fig) -> dict[str, list]:
+    """Panel title -> its lines' (x, y) data."""
+    return {ax.get_title(): [(np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float))
+                             for ln in ax.get_lines()] for ax in fig.axes if ax.get_title()}
+
+
+def test_bucket_charts_draw_the_stats_file_and_skip_runs_without_buckets(tmp_path) -> None:
+    a, b = spec("with-a", model=BN), spec("with-b")
+    plain = spec("without")
+    for s in (a, b):
+        run_folder(tmp_path, s, metrics(s, gap_epochs([0.1], [0.3], [0.3])), steps=20)  # windows of 2
+    run_folder(tmp_path, plain, metrics(plain, [{"epoch": 1, "train_loss": 0.3, "valid_loss": 0.3}]),
+               buckets=None)
+    runs = {r.id: r for r in load_runs(tmp_path)}
+    with np.load(tmp_path / "with-a" / "stats.npz") as f:  # the file itself, not the reader
+        std, edges, names = f["bucket_std"], f["bucket_edges"], list(f["names"])
+    steps, modules, k = std.shape
+    window = max(1, math.ceil(insights.WINDOW_SHARE * steps))
+    assert window == 2
+    fig = charts._bucket_comparison_figure([runs["with-a"], runs["without"]], "std")
+    panels = _lines(fig)
+    assert set(panels) == {charts.short_name(n) for n in names}
+    x, late = panels[charts.short_name(names[1])][0]  # run with-a, solid line: the last window's means
+    assert np.allclose(x, (edges[:-1] + edges[1:]) / 2)
+    assert np.allclose(late, std[-window:, 1].mean(axis=0))
+    first_x, early = panels[charts.short_name(names[0])][1]  # dotted: the first window (one NaN skipped)
+    expected = [np.mean([v for v in std[:window, 0, j] if not np.isnan(v)]) for j in range(k)]
+    assert np.allclose(early, expected)
+    over_time = _lines(charts._bucket_figure(runs["with-a"], "dead"))
+    assert all(len(lines) == k for lines in over_time.values()) and len(over_time) == modules
+    assert not charts.has_buckets(runs["without"]) and charts.has_buckets(runs["with-b"])
+    with pytest.raises(ValueError, match="no statistics by timestep"):
+        charts.bucket_chart(runs["without"], "std", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="none of the runs"):
+        charts.bucket_comparison([runs["without"]], "std", tmp_path / "x.png")
