@@ -86,8 +86,8 @@ class Metrics(_Strict):
     params: int
     steps_per_epoch: int
     steps_completed: int
-    steps_total: int  # optimiser steps this run trains (its stop_after_epochs share of the schedule)
-    schedule_steps: int  # the OneCycle schedule's length: more than steps_total when the run stops early
+    steps_total: int  # steps this run trains (stop_after_epochs of the schedule, or all of it)
+    schedule_steps: int  # the OneCycle schedule's length (steps_total unless the run stops early)
     batches: Batches
     epochs: list[Epoch]
     final: Final
