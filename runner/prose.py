@@ -158,7 +158,7 @@ def _std_sentence(table: AxisTable) -> str | None:
         return None
     best = min(rows, key=lambda r: r.health.max_std)
     ref = next((r for r in rows if r.role == "reference" and r is not best), None)
-    other = ref or max(rows, key=lambda r: r.health.max_std)
+    other = ref or max((r for r in rows if r is not best), key=lambda r: r.health.max_std)
     lead = f"Of the {count_word(len(table.rows))} runs on {table.axis}, {best.id} kept its largest std lowest"
     a, b = best.health.max_std, other.health.max_std
     if b <= a:
