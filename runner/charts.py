@@ -543,11 +543,11 @@ CAPTIONS.update({
     "mean (in validation standard deviations) and variance (as a log ratio) are from its input's on the "
     f"validation batches; the dashed line is the mismatch limit ({fmt(RUNNING_GAP_LIMIT)}).",
     "buckets_std": "Each watched module's activation std at every training step, split by the noise level t "
-    "of the samples (one line per bucket of t, darker = noisier; smoothed with a moving average, gaps "
-    "where a bucket had no sample).",
+    "of the samples (one line per bucket of t, darker = noisier; smoothed with a moving average over the "
+    "steps at which the bucket had samples).",
     "buckets_dead": "Each watched module's dead share (|a| in the lowest histogram bin) at every training "
-    "step, split by the noise level t of the samples (one line per bucket of t; smoothed, gaps where a "
-    "bucket had no sample).",
+    "step, split by the noise level t of the samples (one line per bucket of t; smoothed over the steps "
+    "at which the bucket had samples).",
     "bucket_comparison_std": "For each module, its activation std per bucket of the noise level t, one line "
     "per run: solid = mean over the last steps recorded, dotted = over the first (the windows of the "
     "health measures).",
@@ -661,7 +661,9 @@ def _bucket_figure(run: Run, stat: str) -> Figure:
     for m, name in enumerate(names):
         ax = axes.flat[m]
         for b, (color, label) in enumerate(zip(colors, _bucket_labels(run.stats.buckets.edges), strict=True)):
-            ax.plot(x, _ema(values[:, m, b]), color=color, lw=1.0, label=label if m == 0 else None)
+            smooth = _ema(values[:, m, b])
+            seen = np.isfinite(smooth)  # a step where the bucket had no sample is skipped, not a gap
+            ax.plot(x[seen], smooth[seen], color=color, lw=1.0, label=label if m == 0 else None)
         ax.set_title(short_name(name), fontsize=9, y=1.0, pad=3)
         ax.grid(alpha=0.3)
         drawn.flat[m] = True
