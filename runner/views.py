@@ -319,6 +319,7 @@ def experiment_page(
         "epochs": _epoch_rows(run),
         "has_gap": any(e.bn_running_gap for e in m.epochs),
         "precision_note": describe_precision(run.spec),
+        "reproduces": run.spec.reproduces,
         "bn_sentence": prose.bn_gap_sentence(item.health),
         "diagnostics": list(diagnostics),
         "charts": [

@@ -154,6 +154,8 @@ def test_experiment_page_shows_precision_gap_and_bucket_charts(project) -> None:
     docs, text, drawn = project["docs"], project["text"], project["drawn"]
     page = text["experiments/repro/index.md"]
     assert "Precision: fp32" in page
+    assert "[our losses beside its printed ones](../../reproduction.md#repro)" in page
+    assert "{ #repro }" in text["reproduction.md"]
     ran = next(r.spec for r in load_runs(project["root"] / "results") if r.id == "repro")
     shown = _plain(page)
     assert describe_precision(ran) in shown
