@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from runner.results import read_metrics
 from runner.spec import build_spec
 from runner.statsfile import Stats, load_stats
 from runner.train import (
@@ -62,6 +63,11 @@ def test_run_folder_holds_metrics_stats_and_resolved_spec(tmp_path):
     assert stats.mean.shape[0] == metrics["steps_completed"] == 6
     assert stats.hist.shape[2] == 6 and len(stats.names) == stats.mean.shape[1] > 0
     assert result.metrics["final"]["valid_loss"] == epoch["valid_loss"]
+    # The reporting side's strict contract reads exactly what training wrote (gaps of a BatchNorm run too).
+    contract = read_metrics(tmp_path)
+    assert contract.schedule_steps == metrics["schedule_steps"] == 6
+    gaps = contract.epochs[-1].bn_running_gap
+    assert gaps and set(gaps) == set(epoch["bn_running_gap"])
 
 
 def test_group_norm_model_has_no_batch_stats_validation(tmp_path):
