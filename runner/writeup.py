@@ -75,11 +75,11 @@ def batchnorm_finding(report: Report, figure: Figure) -> dict[str, Any]:
     items = [i for i in report.ranked if i.health.valid_gap_batch_stats is not None][:MAX_OVERLAY]
     if not items:
         return _finding(title, [], None, "No run with BatchNorm recorded its validation loss both ways.")
-    caption = ("Loss of the BatchNorm runs: filled markers are the validation loss with running "
-               "statistics, open squares with the validation batches' own statistics.")
+    caption = ("The BatchNorm runs' validation loss with running against batch statistics per epoch, and "
+               "the gap between the layers' running statistics and the validation batches' own.")
     take = prose._batchnorm_takeaway(items)
     return _finding(title, [take.text] if take else [],
-                    _figure(figure, "loss", [i.run for i in items], "batchnorm", caption))
+                    _figure(figure, "bn_gap", [i.run for i in items], "batchnorm", caption))
 
 
 def precision_finding(report: Report, figure: Figure, not_run: Sequence[Any]) -> dict[str, Any]:
@@ -107,10 +107,10 @@ def bucket_finding(report: Report, figure: Figure) -> dict[str, Any]:
         profile = bucket_profile(item.run.stats, module)
         if profile is not None:
             sentences.append(prose.bucket_sentence(item, module, *map(list, profile)))
-    caption = f"Std of {module} per timestep bucket over the last tenth of recorded steps, one line per run."
-    shown = [*items[: MAX_OVERLAY - 1], items[-1]] if len(items) > MAX_OVERLAY else items
-    return _finding(title, sentences, _figure(figure, "buckets", [i.run for i in shown], "buckets", caption,
-                                              module=module))
+    caption = "Activation std per timestep bucket of every watched module, the runs compared."
+    shown = [items[0], items[-1]] if len(items) > 1 else items  # the healthiest and least healthy
+    return _finding(title, sentences, _figure(figure, "bucket_comparison_std", [i.run for i in shown],
+                                              "buckets", caption))
 
 
 # ---------------------------------------------------------------- reproduction, samples, what ran
