@@ -272,7 +272,8 @@ def test_publish_imports_neither_torch_nor_diffusers(snapshot, tmp_path) -> None
     """(Rendering a site, published runs included, is checked torch-free by tests/test_cli.py.)"""
     from test_cli import _NO_TORCH
 
-    argv = ["publish", "--name", "again", "--results", str(snapshot["results"]), "--out", str(tmp_path / "pub")]
+    argv = ["publish", "--name", "again", "--results", str(snapshot["results"]),
+            "--out", str(tmp_path / "pub")]
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert "RC 0 HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
