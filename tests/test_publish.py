@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_site import _unresolved, placeholder_draw
+from test_site import _unresolved
 
 from runner import site
 from runner.charts import writeup_figure
@@ -207,6 +207,13 @@ def test_publish_refuses_past_the_size_limit_and_keeps_the_previous_snapshot(sna
     assert m["charts"].startswith("left out") and not list((tmp_path / "auto").glob("*/charts"))
 
 
+def placeholder(runs, kind, out) -> Path:
+    """Comparison and diagnostic charts as placeholders (the writeup's figures are drawn for real)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (6, 4)).save(out)
+    return Path(out)
+
+
 @pytest.fixture(scope="module")
 def built(snapshot) -> dict:
     """The snapshot and one local run (sharing an id with a published one) rendered and built."""
@@ -215,7 +222,7 @@ def built(snapshot) -> dict:
     _run(local, _spec("good", title="My own variant"), 4.0, 9)
     docs = root / "docs"
     shutil.copytree(ROOT / "docs" / "assets", docs / "assets")
-    pages = site.render_site(local, docs, placeholder_draw(), published=[snapshot["folder"]],
+    pages = site.render_site(local, docs, placeholder, published=[snapshot["folder"]],
                              figures=writeup_figure)
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config.update(docs_dir=str(docs), site_dir=str(root / "site"))
