@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from runner import views
+from runner.faults import kill_point
 from runner.files import read_json, recover_dir, replace_dir, write_text
 from runner.report import Report
 from runner.results import Run, load_runs
+from runner.sanitize import check_site, sanitize_site
 from runner.spec import SAFE_ID
 from runner.templating import environment
 
@@ -77,6 +79,7 @@ class _Writer:
         self.env, self.stage, self.draw, self.pages = environment(), stage, draw, []
 
     def page(self, rel: str, template: str, **context: Any) -> None:
+        kill_point("render")
         write_text(self.stage / rel, self.env.get_template(template).render(**context))
         self.pages.append(rel)
 
@@ -196,10 +199,24 @@ def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProce
     try:
         proc = subprocess.run(cmd, cwd=config.parent, env=env, capture_output=capture, text=True, check=False)
         if proc.returncode == 0:
+            proc = _sanitized(proc, stage)
+        if proc.returncode == 0:
             replace_dir(stage, site_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return proc
+
+
+def _sanitized(proc: subprocess.CompletedProcess[str], stage: Path) -> subprocess.CompletedProcess[str]:
+    """Sanitise the notebook pages of a built site, then scan every page (runner.sanitize); a problem
+    left fails the build loudly, with each page and what it holds, and the site is not swapped in."""
+    sanitize_site(stage)
+    problems = check_site(stage)
+    if not problems:
+        return proc
+    report = "unsafe HTML in the built site (not published):\n" + "\n".join(f"  {p}" for p in problems)
+    print(report, file=sys.stderr)
+    return subprocess.CompletedProcess(proc.args, 1, proc.stdout, (proc.stderr or "") + report + "\n")
 
 
 def main(args: argparse.Namespace) -> int:
