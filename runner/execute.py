@@ -131,12 +131,13 @@ def collect_specs(paths: list[str | Path], profile: str) -> list[Spec]:
     errors, specs = [], []
     for f, from_folder in chosen:
         try:
-            spec = load_spec(f, profile)
+            # A folder holds specs of every scale: whether the data folder holds enough latents is
+            # checked only for the specs that will run (a 100k spec outside the suite must not block it).
+            spec = load_spec(f, profile, data_root=None)
+            if not from_folder or profile in spec.suites:
+                specs.append(load_spec(f, profile))
         except SpecError as e:
             errors.append(str(e))
-            continue
-        if not from_folder or profile in spec.suites:
-            specs.append(spec)
     ids = [s.id for s in specs]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

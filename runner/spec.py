@@ -340,7 +340,9 @@ class Spec(_Section):
     suites: tuple[Literal["smoke", "quick", "full"], ...] = ("quick", "full")
     # The original notebook this spec reproduces (its name without .ipynb, as headed in the originals'
     # printed losses); for a notebook that trained several segments, the first segment. None: no notebook.
-    reproduces: str | None = None
+    reproduces: str | None = Field(
+        None, max_length=200, description="The original notebook it reproduces. At most 200 characters."
+    )
     profile: str = "full"
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()

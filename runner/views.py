@@ -60,7 +60,7 @@ def spec_files(experiments: Path, root: Path) -> list[SpecFile]:
     out = []
     for path in discover(experiments) if experiments.is_dir() else []:
         try:
-            specs = {p: load_spec(path, p) for p in PROFILES}
+            specs = {p: load_spec(path, p, data_root=None) for p in PROFILES}  # listed, not run
         except SpecError:
             continue
         suites = specs["full"].suites

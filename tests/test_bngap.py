@@ -89,7 +89,7 @@ def test_largest_gap_takes_the_last_epoch_with_a_finite_gap():
 
 
 def test_training_run_records_gaps_per_epoch_and_timestep_buckets(tmp_path, one_thread):
-    # Two levels, 96 latents (86 train) -> 5 steps of 16 per epoch.
+    # Two levels, 96 latents (86 train) -> 5 steps of 16 and one of 6 per epoch (the last batch is kept).
     spec = build_spec({
         "id": "bn", "data": {"size": 96},
         "model": {"block_out_channels": [32, 64], "blocks": "DA", "layers_per_block": 1,
@@ -107,9 +107,10 @@ def test_training_run_records_gaps_per_epoch_and_timestep_buckets(tmp_path, one_
     assert any(v["mean"] > 0 for v in metrics["epochs"][0]["bn_running_gap"].values())
     stats = load_stats(tmp_path / "stats.npz")
     steps = metrics["steps_completed"]
-    assert stats["bucket_count"].shape == (steps, 4)
-    assert stats["bucket_mean"].shape == (steps, len(stats["names"]), 4)
-    assert (stats["bucket_count"].sum(axis=1) == 16).all()  # every sample of every step in one bucket
+    assert stats.buckets.count.shape == (steps, 4)
+    assert stats.buckets.mean.shape == (steps, len(stats.names), 4)
+    # Every sample of every step lands in one bucket.
+    assert stats.buckets.count.sum(axis=1).tolist() == ([16] * 5 + [86 - 5 * 16]) * 2
 
 
 def result_model_layers(spec) -> list[tuple[str, nn.Module]]:

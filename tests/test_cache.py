@@ -28,6 +28,7 @@ from runner.execute import (
 )
 from runner.files import exchange_dirs, read_json
 from runner.manifest import verify, write_manifest
+from runner.results import Metrics, write_metrics
 from runner.spec import build_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,8 @@ def fake_run(folder: Path, s, status: str = "completed", key: dict | None = None
     """A run folder as execute_spec leaves it, without training (metrics, a chart, manifest last)."""
     folder.mkdir(parents=True)
     (folder / "spec.yaml").write_text(s.to_yaml())
-    (folder / "metrics.json").write_text(json.dumps({"id": s.id, "status": status, "diverged_at_step": 3}))
+    record = Metrics.failed(s, "").model_copy(update={"status": status, "error": None, "diverged_at_step": 3})
+    write_metrics(folder, record)
     (folder / "charts").mkdir()
     (folder / "charts" / "loss.png").write_bytes(b"png" * 100)
     write_manifest(folder, key if key is not None else cache_key(s))

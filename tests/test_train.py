@@ -175,9 +175,9 @@ def test_batched_divergence_check_trims_the_steps_after_the_bad_one(tmp_path, mo
     for key in ("loss", "lr", "grad_norm"):
         np.testing.assert_array_equal(batched["batches"][key], every_step["batches"][key], err_msg=key)
     a, b = load_stats(tmp_path / "every" / "stats.npz"), load_stats(tmp_path / "batched" / "stats.npz")
-    assert b["mean"].shape[0] == b["hist"].shape[-1] == batched["steps_completed"]
-    np.testing.assert_array_equal(a["mean"], b["mean"])
-    np.testing.assert_array_equal(a["hist"], b["hist"])
+    assert b.mean.shape[0] == b.hist.shape[-1] == batched["steps_completed"]
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.hist, b.hist)
 
 
 def test_non_finite_validation_loss_is_divergence_at_that_step(tmp_path, monkeypatch):
