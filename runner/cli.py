@@ -141,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("site", help="render pages from results/ and build the site")
     p.add_argument("--results", default="results")
     p.add_argument("--no-build", action="store_true", help="render Markdown only, skip mkdocs build")
+    p.add_argument("--config", help="the project's mkdocs.yml (default: this project's); docs_dir and "
+                   "site_dir are read from it, experiments/ is beside it")
     p.set_defaults(func=_site)
 
     # Listed for --help only: main() hands `encode ...` and `fit-decoder ...` to their own parsers.

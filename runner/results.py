@@ -87,6 +87,9 @@ class Metrics(_Strict):
     steps_per_epoch: int
     steps_completed: int
     steps_total: int
+    # The OneCycle length runner.train records (more than steps_total with train.stop_after_epochs);
+    # absent in folders written before it was recorded.
+    schedule_steps: int | None = None
     batches: Batches
     epochs: list[Epoch]
     final: Final

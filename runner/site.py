@@ -186,12 +186,8 @@ def _render_run(w: _Writer, e: views.Entry, report: Report) -> None:
 def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProcess[str]:
     """`mkdocs build --strict -f config` into a staging folder, swapped in as the config's site_dir
     only when the build succeeded (a failed build keeps the previous site)."""
-    import yaml
-
     config = Path(config)
-    site_dir = config.parent / str(
-        (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("site_dir", "site")
-    )
+    site_dir = config_dir(config, "site_dir", "site")
     clean_staging(site_dir)
     stage = _new_stage(site_dir)
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "--site-dir", str(stage)]
@@ -205,6 +201,14 @@ def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProce
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return proc
+
+
+def config_dir(config: Path, key: str, default: str) -> Path:
+    """A folder named in an mkdocs.yml (docs_dir, site_dir), relative to the config's folder."""
+    import yaml
+
+    config = Path(config)
+    return config.parent / str((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get(key, default))
 
 
 def _sanitized(proc: subprocess.CompletedProcess[str], stage: Path) -> subprocess.CompletedProcess[str]:
@@ -226,19 +230,23 @@ def main(args: argparse.Namespace) -> int:
 
     results = Path(args.results)
     suite_path = results / "suite.json"
+    # --config: another project's mkdocs.yml (its docs/, site/ and experiments/ beside it), e.g. in tests.
+    config = Path(getattr(args, "config", None) or ROOT / "mkdocs.yml")
+    project = config.parent
+    docs = config_dir(config, "docs_dir", "docs")
     try:
         pages = render_site(
             results,
-            ROOT / "docs",
+            docs,
             comparison_chart,
-            spec_files=views.spec_files(ROOT / "experiments", ROOT),
+            spec_files=views.spec_files(project / "experiments", project),
             suite_record=read_json(suite_path) if suite_path.is_file() else None,
             data_stats=read_json(DATA_STATS) if DATA_STATS.is_file() else None,
         )
     except SiteError as e:
         print(e, file=sys.stderr)
         return 2
-    print(f"rendered {len(pages)} pages into {ROOT / 'docs'}")
+    print(f"rendered {len(pages)} pages into {docs}")
     if getattr(args, "no_build", False):
         return 0
-    return build_site(ROOT / "mkdocs.yml").returncode
+    return build_site(config).returncode
