@@ -138,13 +138,13 @@ def browser():
         b.close()
 
 
-# Scroll every image into view (lazy ones start loading), then wait for each to finish or fail.
+# Each image scrolled into view (a lazy one starts loading only then) and waited for there, until it
+# loads or fails (or 15 s pass); then whether it has pixels.
 _IMAGES = """async () => {
+  const settled = img => img.complete ? Promise.resolve() : new Promise(r => {
+    img.addEventListener('load', r); img.addEventListener('error', r); setTimeout(r, 15000); });
   const images = Array.from(document.images);
-  for (const img of images) { img.scrollIntoView(); await new Promise(r => setTimeout(r, 0)); }
-  window.scrollTo(0, document.body.scrollHeight);
-  await Promise.all(images.map(img => img.complete ? null : new Promise(r => {
-    img.addEventListener('load', r); img.addEventListener('error', r); setTimeout(r, 5000); })));
+  for (const img of images) { img.scrollIntoView(); await settled(img); }
   return images.map(img => [img.currentSrc || img.src, img.complete && img.naturalWidth > 0]);
 }"""
 _LINKS = "() => Array.from(document.querySelectorAll('a[href]')).map(a => a.href)"
@@ -174,7 +174,9 @@ def _visit_all(browser, site: Path, base: str, where: str) -> dict:
     page.on("dialog", lambda d: (dialogs.append(f"{page.url}: {d.message}"), d.dismiss()))
     page.on("console", lambda m: errors.append(f"{page.url}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(f"{page.url}: {e}"))
-    page.on("requestfailed", lambda r: errors.append(f"{page.url}: request failed {r.url}"))
+    # A load the next navigation cancels (e.g. the search worker still starting) is not a failure.
+    page.on("requestfailed", lambda r: None if r.failure == "net::ERR_ABORTED"
+            else errors.append(f"{page.url}: request failed {r.url} ({r.failure})"))
     images = links = 0
     broken: list[str] = []
     for path in _pages(site, where):
