@@ -232,8 +232,11 @@ def main(args: argparse.Namespace) -> int:
     suite_path = results / "suite.json"
     # --config: another project's mkdocs.yml (its docs/, site/ and experiments/ beside it), e.g. in tests.
     config = Path(getattr(args, "config", None) or ROOT / "mkdocs.yml")
+    if getattr(args, "config", None) and not config.is_file():
+        print(f"--config {config}: no such file (expected the project's mkdocs.yml)", file=sys.stderr)
+        return 2
     project = config.parent
-    docs = config_dir(config, "docs_dir", "docs")
+    docs = config_dir(config, "docs_dir", "docs") if config.is_file() else project / "docs"
     try:
         pages = render_site(
             results,
