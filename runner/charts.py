@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +29,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from runner.bngap import RUNNING_GAP_LIMIT, gap_series
 from runner.files import write_atomic
+from runner.insights import _window  # the health measures' early/late window
 from runner.results import Metrics, Run, load_run
 from runner.statsfile import BIN_WIDTH, HIST_RANGE, Stats
 from runner.text import fmt
@@ -287,8 +290,9 @@ def _figure(nrows: int, ncols: int, panel_w: float, panel_h: float, margins: _Ma
     return fig, axes
 
 
-def _small_multiples(nrows: int, ncols: int, panel_w: float, panel_h: float) -> tuple[Figure, np.ndarray]:
-    fig, axes = _figure(nrows, ncols, panel_w, panel_h, sharex="all", sharey="all")
+def _small_multiples(nrows: int, ncols: int, panel_w: float, panel_h: float,
+                     margins: _Margins = _Margins()) -> tuple[Figure, np.ndarray]:
+    fig, axes = _figure(nrows, ncols, panel_w, panel_h, margins, sharex="all", sharey="all")
     # Shared axes share one locator: few ticks keep small panels legible and drawing fast.
     axes[0, 0].xaxis.set_major_locator(MaxNLocator(4, integer=True))
     axes[0, 0].yaxis.set_major_locator(MaxNLocator(5))
@@ -509,8 +513,234 @@ def run_charts(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
 def comparison_chart(runs: Sequence[Run], kind: str, out: str | os.PathLike[str]) -> Path:
     """Draw one chart kind for several runs with shared axes and write it to ``out``; runs without
     metrics or statistics appear as annotated empty panels."""
+    if kind in DIAGNOSTIC_KINDS:
+        return diagnostic_chart(runs, kind, out)
     if kind not in CHART_KINDS:
-        raise ValueError(f"unknown chart kind {kind!r}; expected one of {CHART_KINDS}")
+        raise ValueError(f"unknown chart kind {kind!r}; expected one of {CHART_KINDS + DIAGNOSTIC_KINDS}")
     if not runs:
         raise ValueError("comparison_chart needs at least one run")
     return _save(_BUILDERS[kind]([_Run.of(r) for r in runs]), Path(out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# diagnostics: the BatchNorm running gap and the statistics by diffusion timestep (runner.bngap,
+# statsfile.Buckets). The site draws these from the run folders at render time, so runs recorded before
+# they existed are drawn too; each takes `runner.results.Run`s and writes one PNG.
+
+BUCKET_STATS = {"std": "activation std", "dead": "dead share", "mean": "activation mean"}
+DIAGNOSTIC_KINDS = ("bn_gap", "buckets_std", "buckets_dead", "bucket_comparison_std",
+                    "bucket_comparison_dead")
+TITLES.update({
+    "bn_gap": "BatchNorm: running vs batch statistics",
+    "buckets_std": "Activation std by timestep",
+    "buckets_dead": "Dead share by timestep",
+    "bucket_comparison_std": "Activation std by timestep, variants compared",
+    "bucket_comparison_dead": "Dead share by timestep, variants compared",
+})
+CAPTIONS.update({
+    "bn_gap": "Left: validation loss at each epoch end with BatchNorm's running statistics (as evaluated) "
+    "and with each batch's own statistics. Middle and right: for each BatchNorm layer, how far its running "
+    "mean (in validation standard deviations) and variance (as a log ratio) are from its input's on the "
+    f"validation batches; the dashed line is the mismatch limit ({fmt(RUNNING_GAP_LIMIT)}).",
+    "buckets_std": "Each watched module's activation std at every training step, split by the noise level t "
+    "of the samples (one line per bucket of t, darker = noisier; smoothed with a moving average over the "
+    "steps at which the bucket had samples).",
+    "buckets_dead": "Each watched module's dead share (|a| in the lowest histogram bin) at every training "
+    "step, split by the noise level t of the samples (one line per bucket of t; smoothed over the steps "
+    "at which the bucket had samples).",
+    "bucket_comparison_std": "For each module, its activation std per bucket of the noise level t, one line "
+    "per run: solid = mean over the last steps recorded, dotted = over the first (the windows of the "
+    "health measures).",
+    "bucket_comparison_dead": "For each module, its dead share per bucket of the noise level t, one line per "
+    "run: solid = mean over the last steps recorded, dotted = over the first (the windows of the health "
+    "measures).",
+})
+
+
+def has_bn_gap(run: Run) -> bool:
+    """Whether a sound run recorded a BatchNorm running gap at some epoch."""
+    return not run.damaged and run.metrics is not None and any(e.bn_running_gap for e in run.metrics.epochs)
+
+
+def has_buckets(run: Run) -> bool:
+    """Whether a sound run's statistics hold timestep buckets (with at least one recorded step)."""
+    return not run.damaged and run.stats is not None and run.stats.buckets is not None and len(run.stats) > 0
+
+
+def _bucket_labels(edges: np.ndarray) -> list[str]:
+    return [f"t {fmt(float(a))}–{fmt(float(b))}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _bucket_values(run: Run, stat: str) -> np.ndarray:
+    """[steps, modules, buckets] of one bucket statistic (NaN where a bucket had no sample)."""
+    if stat not in BUCKET_STATS:
+        raise ValueError(f"unknown bucket statistic {stat!r}; expected one of {tuple(BUCKET_STATS)}")
+    assert run.stats is not None and run.stats.buckets is not None
+    return np.asarray(getattr(run.stats.buckets, stat), dtype=float)
+
+
+def bn_gap_chart(runs: Sequence[Run], out: str | os.PathLike[str]) -> Path:
+    """One row per run: valid loss with running vs batch statistics per epoch, then the mean gap and the
+    variance gap of every BatchNorm layer per epoch against RUNNING_GAP_LIMIT (shared y per column)."""
+    if not runs:
+        raise ValueError("bn_gap_chart needs at least one run")
+    layers = [n for r in runs if has_bn_gap(r) for n in gap_series(_epoch_dicts(r))[1]]
+    labels = [short_name(n) for n in dict.fromkeys(layers)]
+    ncol = max(1, math.ceil(len(labels) / 16))
+    margins = _Margins(left=0.95, right=_legend_width(labels, ncol) + 0.1, top=0.75, bottom=0.6,
+                       gap_w=0.55, gap_h=0.35)
+    fig, axes = _figure(len(runs), 3, (WIDTH - 2.5) / 3, 3.6 if len(runs) == 1 else 2.8, margins,
+                        sharex="all", sharey="col")
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(6, integer=True))
+    drawn = np.zeros(axes.shape, dtype=bool)
+    for row, run in enumerate(runs):
+        if not has_bn_gap(run):
+            for col in range(3):
+                _empty(axes[row, col], f"{run.id}\nno BatchNorm running gap recorded ({run.status})")
+            continue
+        assert run.metrics is not None
+        for key, marker, name in (("valid_loss", "o-", "running statistics"),
+                                  ("valid_loss_batch_stats", "s--", "batch statistics")):
+            pairs = [(e.epoch, v) for e in run.metrics.epochs if (v := getattr(e, key)) is not None]
+            if pairs:
+                axes[row, 0].plot(*zip(*pairs, strict=True), marker, ms=5, lw=1.2, label=name)
+        axes[row, 0].legend(fontsize=7, loc="best")
+        epochs, series = gap_series(_epoch_dicts(run))
+        colors = _module_colors(len(series))
+        for col, stat in ((1, "mean"), (2, "var")):
+            ax = axes[row, col]
+            for (layer, values), color in zip(series.items(), colors, strict=True):
+                ax.plot(epochs, values[stat], "o-", ms=3, lw=1.0, color=color, label=short_name(layer))
+            ax.axhline(RUNNING_GAP_LIMIT, color=DIVERGED_COLOR, ls="--", lw=1.0)
+        axes[row, 2].legend(fontsize=7, ncol=ncol, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                            frameon=False, borderaxespad=0.3)
+        for col in range(3):
+            axes[row, col].grid(alpha=0.3)
+            drawn[row, col] = True
+        if len(runs) > 1:
+            axes[row, 0].set_ylabel(run.id, fontweight="bold")
+    axes[0, 0].set_title("valid loss", fontsize=10)
+    axes[0, 1].set_title("running mean gap (valid stds)", fontsize=10)
+    axes[0, 2].set_title("running variance gap (|log ratio|)", fontsize=10)
+    _fix_outer_labels(axes, drawn)
+    _title(fig, [_Run.of(r) for r in runs], "BatchNorm running vs batch statistics", xlabel="epoch")
+    return _save(fig, Path(out))
+
+
+_LEGEND_ON_TOP = _Margins(top=1.0)  # room for a legend row between the title and the panels
+
+
+def _top_legend(fig: Figure, handles: list[Any], ncol: int) -> None:
+    fig.legend(handles=handles, fontsize=7, ncol=ncol, loc="upper center",
+               bbox_to_anchor=(0.5, 1.0 - 0.38 / fig.get_figheight()), frameon=False)
+
+
+def _epoch_dicts(run: Run) -> list[dict[str, Any]]:
+    return [e.model_dump() for e in run.metrics.epochs] if run.metrics else []
+
+
+def bucket_chart(run: Run, stat: str, out: str | os.PathLike[str]) -> Path:
+    """One run's statistic by timestep bucket over training: a panel per watched module (wrapped at WRAP
+    a row, shared axes), a line per bucket of t (moving average over the recorded steps)."""
+    return _save(_bucket_figure(run, stat), Path(out))
+
+
+def _bucket_figure(run: Run, stat: str) -> Figure:
+    if not has_buckets(run):
+        raise ValueError(f"{run.id}: no statistics by timestep bucket to draw")
+    assert run.stats is not None and run.stats.buckets is not None
+    values = _bucket_values(run, stat)
+    names = run.stats.names
+    x = run.stats.steps + 1
+    k = values.shape[2]
+    colors = [colormaps["viridis"](0.85 * (1 - b / max(k - 1, 1))) for b in range(k)]
+    ncols = min(len(names), WRAP)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = _small_multiples(nrows, ncols, 1.7, 1.9, _LEGEND_ON_TOP)
+    drawn = np.zeros(axes.shape, dtype=bool)
+    for m, name in enumerate(names):
+        ax = axes.flat[m]
+        for b, (color, label) in enumerate(zip(colors, _bucket_labels(run.stats.buckets.edges), strict=True)):
+            smooth = _ema(values[:, m, b])
+            seen = np.isfinite(smooth)  # a step where the bucket had no sample is skipped, not a gap
+            ax.plot(x[seen], smooth[seen], color=color, lw=1.0, label=label if m == 0 else None)
+        ax.set_title(short_name(name), fontsize=9, y=1.0, pad=3)
+        ax.grid(alpha=0.3)
+        drawn.flat[m] = True
+    if stat == "dead":
+        axes[0, 0].set_ylim(0, 1)
+    elif stat == "std" and _wants_log(values):
+        axes[0, 0].set_yscale("log")
+    for r in range(nrows):
+        axes[r, 0].set_ylabel(BUCKET_STATS[stat], fontsize=8)
+    _top_legend(fig, axes.flat[0].get_legend_handles_labels()[0], k)
+    _fix_outer_labels(axes, drawn)
+    _title(fig, [_Run.of(run)], f"{BUCKET_STATS[stat]} by timestep bucket")
+    return fig
+
+
+def bucket_comparison(runs: Sequence[Run], stat: str, out: str | os.PathLike[str]) -> Path:
+    """Several runs' statistic per timestep bucket: a panel per module (names in order of first appearance,
+    wrapped at WRAP a row, shared axes), x = the bucket's middle t, one colour per run; solid = the mean
+    over the last WINDOW_SHARE of recorded steps, dotted = over the first (the health measures' windows)."""
+    return _save(_bucket_comparison_figure(runs, stat), Path(out))
+
+
+def _bucket_comparison_figure(runs: Sequence[Run], stat: str) -> Figure:
+    drawable = [r for r in runs if has_buckets(r)]
+    if not drawable:
+        raise ValueError("bucket_comparison: none of the runs has statistics by timestep bucket")
+    names = list(dict.fromkeys(n for r in drawable for n in r.stats.names))
+    ncols = min(len(names), WRAP)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = _small_multiples(nrows, ncols, 1.7, 1.9, _LEGEND_ON_TOP)
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(5))
+    drawn = np.zeros(axes.shape, dtype=bool)
+    everything = []
+    for i, run in enumerate(runs):
+        if run not in drawable:
+            continue
+        values = _bucket_values(run, stat)
+        edges = run.stats.buckets.edges
+        mid = (edges[:-1] + edges[1:]) / 2
+        k = _window(values.shape[0])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bucket gives NaN, drawn as a gap
+            early, late = np.nanmean(values[:k], axis=0), np.nanmean(values[-k:], axis=0)
+        everything += [early, late]
+        for m, name in enumerate(run.stats.names):
+            ax = axes.flat[names.index(name)]
+            ax.plot(mid, late[m], "o-", ms=3, lw=1.2, color=f"C{i % 10}", label=run.id)
+            ax.plot(mid, early[m], ":", lw=1.0, color=f"C{i % 10}")
+            drawn.flat[names.index(name)] = True
+    for m, name in enumerate(names):
+        axes.flat[m].set_title(short_name(name), fontsize=9, y=1.0, pad=3)
+        axes.flat[m].grid(alpha=0.3)
+    if stat == "dead":
+        axes[0, 0].set_ylim(0, 1)
+    elif stat == "std" and _wants_log(*everything):
+        axes[0, 0].set_yscale("log")
+    for r in range(nrows):
+        axes[r, 0].set_ylabel(BUCKET_STATS[stat], fontsize=8)
+    handles = [Line2D([], [], color=f"C{i % 10}", marker="o", ms=3, label=r.id)
+               for i, r in enumerate(runs) if r in drawable]
+    handles += [Line2D([], [], ls="none", label=f"{r.id}: no buckets") for r in runs if r not in drawable]
+    _top_legend(fig, handles, min(len(handles), 4))
+    _fix_outer_labels(axes, drawn)
+    _title(fig, [_Run.of(r) for r in runs], f"{BUCKET_STATS[stat]} by timestep bucket",
+           xlabel="noise level t (bucket middle)")
+    return fig
+
+
+def diagnostic_chart(runs: Sequence[Run], kind: str, out: str | os.PathLike[str]) -> Path:
+    """A DIAGNOSTIC_KINDS chart (the per-run kinds `buckets_*` take exactly one run)."""
+    if kind == "bn_gap":
+        return bn_gap_chart(runs, out)
+    stat = kind.rsplit("_", 1)[-1]
+    if kind.startswith("buckets_"):
+        if len(runs) != 1:
+            raise ValueError(f"{kind} is drawn for one run; got {len(runs)}")
+        return bucket_chart(runs[0], stat, out)
+    if kind.startswith("bucket_comparison_"):
+        return bucket_comparison(runs, stat, out)
+    raise ValueError(f"unknown diagnostic chart kind {kind!r}; expected one of {DIAGNOSTIC_KINDS}")

@@ -104,6 +104,12 @@ def _samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) > 0):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of workers or 'auto', got {text!r}")
+
+
 def _profile(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--profile", choices=sorted(PROFILES), default=default, help=f"scale profile (default {default})"
@@ -135,6 +141,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", help="spec files or folders")
     p.add_argument("--results", default="results")
     p.add_argument("--force", action="store_true", help="rerun even when the cache is current")
+    p.add_argument(
+        "--device", help="cpu, cuda ... for every experiment (default: cuda where the run has one)"
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=_workers,
+        help="run on a local Dask cluster of N worker processes, one experiment each at a time; "
+        "'auto': one 1-thread worker per CPU core, or one per GPU (default: in turn, in this process)",
+    )
+    where.add_argument(
+        "--scheduler", metavar="ADDRESS", help="submit to a running Dask cluster, e.g. tcp://host:8786"
+    )
     _profile(p, "quick")
     p.set_defaults(func=_run)
 

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -395,31 +395,51 @@ def _restorable(candidate: Path, final: Path, newer_wins: bool) -> bool:
 # ---------------------------------------------------------------- the suite
 
 
+# Runs the specs the cache cannot serve, somewhere else than in this loop (runner.cluster's Dask
+# dispatch): dispatch(pending, results, device, done) calls done(spec, outcome) once per spec.
+Dispatch = Callable[[list[Spec], Path, "str | None", Callable[[Spec, Outcome], None]], None]
+
+
 def run_suite(
-    specs: list[Spec], results: Path, force: bool = False, device: str | None = None
+    specs: list[Spec],
+    results: Path,
+    force: bool = False,
+    device: str | None = None,
+    dispatch: Dispatch | None = None,
 ) -> list[Outcome]:
-    """Run each spec in turn (cached ones skipped); suite.json is always written, also for failures."""
-    outcomes: list[Outcome] = []
+    """Run each spec (cached ones skipped); suite.json is always written, also for failures.
+
+    Without `dispatch` the specs run in turn in this process; with it, the cache is consulted here
+    and the rest is handed to `dispatch` at once. suite.json lists the runs in spec order either way.
+    """
+    outcomes: dict[str, Outcome] = {}
     start = time.perf_counter()
     results = results.resolve()
+    heads = {spec.id: f"[{k}/{len(specs)}] {spec.id}" for k, spec in enumerate(specs, 1)}
+
+    def done(spec: Spec, outcome: Outcome) -> None:
+        outcomes[spec.id] = outcome
+        extra = f": {outcome.detail}" if outcome.detail else ""
+        print(
+            f"{heads[spec.id]}: {outcome.status}{' (cached)' if outcome.cached else ''}"
+            f" in {outcome.seconds:.0f}s{extra}",
+            flush=True,
+        )
+
     with open_results(results):
         try:
-            for k, spec in enumerate(specs, 1):
-                head = f"[{k}/{len(specs)}] {spec.id}"
-                tic = time.perf_counter()
-                try:
-                    outcome = _run_or_reuse(spec, results, force, device, head, tic - start)
-                except Exception as e:  # a crash handling one spec is that spec's failure; the suite goes on
-                    log.error("%s: internal error\n%s", head, traceback.format_exc())
-                    outcome = Outcome(spec.id, "failed", False, 0.0, f"internal error: {_error_message(e)}")
-                outcome.seconds = 0.0 if outcome.cached else time.perf_counter() - tic
-                outcomes.append(outcome)
-                extra = f": {outcome.detail}" if outcome.detail else ""
-                print(
-                    f"{head}: {outcome.status}{' (cached)' if outcome.cached else ''}"
-                    f" in {outcome.seconds:.0f}s{extra}",
-                    flush=True,
-                )
+            if dispatch is None:
+                _run_in_turn(specs, results, force, device, heads, start, done)
+            else:
+                pending = []
+                for spec in specs:
+                    reason = "forced" if force else cache_miss(spec, results / spec.id, device)
+                    if reason is None:
+                        done(spec, read_outcome(results / spec.id, cached=True))
+                    else:
+                        pending.append(spec)
+                if pending:
+                    dispatch(pending, results, device, done)
         finally:
             kill_point("suite")
             write_json(
@@ -428,10 +448,28 @@ def run_suite(
                     "profile": specs[0].profile if specs else None,
                     "complete": len(outcomes) == len(specs),
                     "elapsed_s": time.perf_counter() - start,
-                    "runs": [asdict(o) for o in outcomes],
+                    "runs": [asdict(outcomes[s.id]) for s in specs if s.id in outcomes],
                 },
             )
-    return outcomes
+    return [outcomes[s.id] for s in specs]
+
+
+def _run_in_turn(specs, results, force, device, heads, start, done) -> None:
+    for spec in specs:
+        head = heads[spec.id]
+        tic = time.perf_counter()
+        try:
+            outcome = _run_or_reuse(spec, results, force, device, head, tic - start)
+        except Exception as e:  # a crash handling one spec is that spec's failure; the suite goes on
+            log.error("%s: internal error\n%s", head, traceback.format_exc())
+            outcome = internal_error(spec, e)
+        outcome.seconds = 0.0 if outcome.cached else time.perf_counter() - tic
+        done(spec, outcome)
+
+
+def internal_error(spec: Spec, error: BaseException) -> Outcome:
+    """The outcome of a spec whose handling crashed (no run folder is installed for it)."""
+    return Outcome(spec.id, "failed", False, 0.0, f"internal error: {_error_message(error)}")
 
 
 def _run_or_reuse(
@@ -477,11 +515,20 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except Exception:
         return _internal_error()
+    from runner.cluster import ClusterError, dispatcher
+
+    workers, scheduler = getattr(args, "workers", None), getattr(args, "scheduler", None)
+    if workers == "auto" and len(specs) <= 1:
+        workers = None  # one experiment runs here, in turn: a cluster would only add its start-up
     try:
         outcomes = run_suite(
-            specs, Path(args.results), force=args.force, device=getattr(args, "device", None)
+            specs,
+            Path(args.results),
+            force=args.force,
+            device=getattr(args, "device", None),
+            dispatch=dispatcher(workers, scheduler),
         )
-    except ResultsBusy as e:
+    except (ResultsBusy, ClusterError) as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:

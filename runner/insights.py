@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from runner.bngap import RUNNING_GAP_LIMIT, largest_running_gap
 from runner.results import Metrics, Run
 from runner.spec import Spec
 from runner.statsfile import BIN_WIDTH, Stats, dead_share
@@ -121,6 +122,11 @@ class Health:
     valid_loss_batch_stats: float | None = None
     valid_gap: float | None = None
     valid_gap_batch_stats: float | None = None
+    # BatchNorm train/eval mismatch (runner.bngap): the largest running-statistics gap of the last epoch
+    # that measured one, where, and the final valid loss with running over with batch statistics.
+    bn_gap: float | None = None
+    bn_gap_where: str | None = None  # "<layer> (<mean|var>, epoch <n>)"
+    valid_running_over_batch: float | None = None
 
 
 def short_name(name: str) -> str:
@@ -183,9 +189,22 @@ def measure(metrics: Metrics, stats: Stats | None) -> Health:
         "valid_gap": _ratio(valid, train),
         "valid_gap_batch_stats": _ratio(valid_bs, train),
     }
+    values.update(_bn_measures(metrics, valid, valid_bs))
     if stats is not None:
         values.update(_stats_measures(stats))
     return Health(**values)
+
+
+def _bn_measures(metrics: Metrics, valid: float | None, valid_bs: float | None) -> dict[str, Any]:
+    """The BatchNorm mismatch measures; empty for a run without BatchNorm (no gap, no batch-stats loss)."""
+    out: dict[str, Any] = {"valid_running_over_batch": _ratio(valid, valid_bs)}
+    gap = largest_running_gap([e.model_dump() for e in metrics.epochs])
+    if gap is not None:
+        out.update(
+            bn_gap=gap.value,
+            bn_gap_where=f"{short_name(gap.layer)} ({gap.statistic}, epoch {fmt(gap.epoch)})",
+        )
+    return out
 
 
 # ---------------------------------------------------------------- thresholds and verdicts
@@ -215,6 +234,14 @@ THRESHOLDS: dict[str, Threshold] = {
     "warning_valid_gap": Threshold(
         "warning", "valid_gap", 2.0, "points at a train/eval mismatch such as BatchNorm running statistics"
     ),
+    # The limit is runner.bngap's (its docstring says why): one number for the chart, verdict and Method page.
+    "warning_bn_gap": Threshold(
+        "warning",
+        "bn_gap",
+        RUNNING_GAP_LIMIT,
+        "evaluates with BatchNorm running statistics unlike the validation batches' own: "
+        "a train/eval mismatch",
+    ),
     "warning_loss_spikes": Threshold(
         "warning", "loss_spikes", 2.0, "has more loss spikes than an unlucky batch explains"
     ),
@@ -229,11 +256,13 @@ MEASURE_NAMES = {
     "dead_late": "dead share late",
     "valid_gap": "valid ÷ train loss",
     "loss_spikes": "loss spikes",
+    "bn_gap": "BatchNorm running gap",
 }
 _MEASURE_MODULE = {
     "max_std": "max_std_module",
     "std_growth": "std_growth_module",
     "mean_drift": "mean_drift_module",
+    "bn_gap": "bn_gap_where",
 }
 
 
@@ -246,7 +275,11 @@ class Verdict:
 def _reason(h: Health, t: Threshold) -> str:
     module = getattr(h, _MEASURE_MODULE[t.measure]) if t.measure in _MEASURE_MODULE else None
     where = f" in {module}" if module else ""
-    return f"{MEASURE_NAMES[t.measure]} {fmt(getattr(h, t.measure))}{where} (threshold {fmt(t.limit)})"
+    extra = ""
+    if t.measure == "bn_gap" and h.valid_running_over_batch is not None:
+        ratio = fmt(h.valid_running_over_batch)
+        extra = f"; final valid loss with running statistics {ratio}× that with batch statistics"
+    return f"{MEASURE_NAMES[t.measure]} {fmt(getattr(h, t.measure))}{where} (threshold {fmt(t.limit)}){extra}"
 
 
 def verdict(health: Health) -> Verdict:
@@ -357,6 +390,7 @@ COLUMNS: dict[str, Any] = {
     "valid loss": lambda i: i.health.valid_loss,
     "valid ÷ train": lambda i: i.health.valid_gap,
     "valid ÷ train (batch stats)": lambda i: i.health.valid_gap_batch_stats,
+    "BN running gap": lambda i: i.health.bn_gap,
     "diverged at step": lambda i: i.health.diverged_at_step,
 }
 

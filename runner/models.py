@@ -19,6 +19,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from runner.course_unet import EmbResBlock, EmbUNetModel, SelfAttention2D
+from runner.model_notes import ATTENTION_NORM_NOTE, CONV_FLAG_NOTE  # torch-free: the site renders them
 from runner.spec import ModelSpec, Spec
 
 __all__ = [
@@ -38,21 +39,6 @@ __all__ = [
 SAMPLE_SIZE = 32
 LATENT_CHANNELS = 4
 UP_BLOCK = {"DownBlock2D": "UpBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"}
-
-CONV_FLAG_NOTE = (
-    "The originals' 'Conv' flag replaced diffusers' LoRACompatibleConv layers with nn.Conv2d (and "
-    "time_emb_proj's LoRACompatibleLinear with nn.Linear). Current diffusers builds plain nn.Conv2d and "
-    "nn.Linear there already, so conv: conv2d is checked at build time (no LoRA* module, plain conv and "
-    "linear classes in every resnet) and otherwise changes nothing: models with and without it are identical."
-)
-
-ATTENTION_NORM_NOTE = (
-    "diffusers' attention processor flattens the feature map to (B, H*W, C) and calls "
-    "attn.group_norm(h.transpose(1, 2)).transpose(1, 2), so the norm sees a (B, C, H*W) tensor. "
-    "GroupNorm(32 groups) is the default; 'layer' puts LayerNorm([C, H*W]) there (statistics over each "
-    "item's whole map), 'layer_channels' a LayerNorm over C alone at every position, 'batch' BatchNorm1d(C). "
-    "Every Attention module is swapped, the mid block's included."
-)
 
 
 class DiffusersDenoiser(nn.Module):

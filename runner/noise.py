@@ -23,7 +23,10 @@ import math
 import torch
 from diffusers import DDIMScheduler
 
+from runner.model_notes import describe_timestep  # torch-free: the site renders it
 from runner.spec import NoiseSpec
+
+__all__ = ["T_MAX", "Noiser", "alpha_bar", "describe_timestep"]
 
 T_MAX = 0.999  # the course clamps t so that alpha-bar never reaches exactly 0
 
@@ -31,20 +34,6 @@ T_MAX = 0.999  # the course clamps t so that alpha-bar never reaches exactly 0
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:
     """Cosine schedule: the share of signal variance left at continuous time t."""
     return (t * math.pi / 2).cos() ** 2
-
-
-def describe_timestep(noise_spec: NoiseSpec, family: str) -> str:
-    """One sentence for the site: what t the model receives under this noise spec and model family."""
-    n = noise_spec.num_train_timesteps
-    if noise_spec.schedule == "ddim":
-        return f"The model receives the integer DDIM timestep t in [0, {n}) as is."
-    if family == "course":
-        return "The model receives the continuous cosine t in [0, 0.999] as is (its embedding expects 0..1)."
-    if noise_spec.timestep_input == "scaled":
-        return (f"The model receives the continuous cosine t scaled to [0, {n}) (t x {n}), "
-                "the range its sinusoidal embedding was designed for.")
-    return ("The model receives the continuous cosine t in [0, 0.999] as is, as the originals did, "
-            f"although the diffusers timestep embedding is designed for 0..{n}.")
 
 
 class Noiser:

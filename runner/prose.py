@@ -7,9 +7,11 @@ states a number its table shows differently; small counts are words, so every di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from runner.bngap import RUNNING_GAP_LIMIT
 from runner.insights import (
     COURSE_ID,
     LEVELS,
@@ -21,6 +23,7 @@ from runner.insights import (
     WINDOW_SHARE,
     Assessed,
     AxisTable,
+    Health,
     Row,
     Threshold,
     loss_scale,
@@ -62,8 +65,47 @@ MEASURES: dict[str, str] = {
         "The final validation loss divided by the final train loss; with BatchNorm also with "
         "batch statistics instead of running statistics."
     ),
+    "BatchNorm running gap": (
+        "For models with BatchNorm, at each epoch end and for each BatchNorm layer: how far the running "
+        "mean and variance it evaluates with are from the mean and variance of its own input on the "
+        "validation batches in training mode. Mean gap: the root mean square over channels of the "
+        "difference of the means in validation standard deviations; variance gap: the root mean square "
+        "over channels of the natural log of the ratio of the variances. The measure is the largest "
+        "gap, over layers and both statistics, at the last epoch that measured one."
+    ),
+    "valid running ÷ batch": (
+        "For models with BatchNorm: the final validation loss with running statistics divided by the "
+        "final validation loss with batch statistics."
+    ),
     "diverged": "Whether training was stopped because the loss became non-finite or exceeded its limit.",
 }
+
+# The BatchNorm gap limit explained from its constant (runner.bngap.RUNNING_GAP_LIMIT), for the Method page.
+BN_GAP_LIMIT_TEXT = (
+    f"The BatchNorm running gap is judged against {fmt(RUNNING_GAP_LIMIT)}: a running mean "
+    f"{fmt(RUNNING_GAP_LIMIT)} validation standard deviations off, or a running variance "
+    f"e^{fmt(RUNNING_GAP_LIMIT)} = {fmt(math.exp(RUNNING_GAP_LIMIT))} times too large or too small, "
+    "shifts or scales a layer's output at evaluation by a sizeable share of the layer's own spread. "
+    "The limit is set by hand, not fitted: above it, the network is evaluated on inputs unlike those "
+    "it trained on, a train/eval mismatch, and the run gets a warning."
+)
+
+
+def bn_gap_sentence(h: Health) -> str | None:
+    """The experiment page's sentence on a run's BatchNorm mismatch (None: the run measured no gap)."""
+    if h.bn_gap is None:
+        return None
+    side = "above" if h.bn_gap > RUNNING_GAP_LIMIT else "within"
+    out = (
+        f"The largest BatchNorm running gap at the last measured epoch was {fmt(h.bn_gap)}, in "
+        f"{h.bn_gap_where}: {side} the limit of {fmt(RUNNING_GAP_LIMIT)}."
+    )
+    if h.valid_running_over_batch is not None:
+        out += (
+            f" The final validation loss with running statistics was {fmt(h.valid_running_over_batch)}× "
+            "the one with batch statistics."
+        )
+    return out
 
 SCORE_TEXT = (
     "Health score (lower is healthier): log10 of max std, plus log10 of std growth, plus dead late, "
@@ -116,7 +158,7 @@ def _std_sentence(table: AxisTable) -> str | None:
         return None
     best = min(rows, key=lambda r: r.health.max_std)
     ref = next((r for r in rows if r.role == "reference" and r is not best), None)
-    other = ref or max(rows, key=lambda r: r.health.max_std)
+    other = ref or max((r for r in rows if r is not best), key=lambda r: r.health.max_std)
     lead = f"Of the {count_word(len(table.rows))} runs on {table.axis}, {best.id} kept its largest std lowest"
     a, b = best.health.max_std, other.health.max_std
     if b <= a:

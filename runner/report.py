@@ -83,6 +83,8 @@ class Report:
             ("loss spikes", f"{fmt(h.loss_spikes)} (max loss ratio {fmt(h.max_loss_ratio)})"),
             ("non-finite steps", fmt(h.nonfinite_steps)),
             ("valid ÷ train", f"{fmt(h.valid_gap)} (batch statistics {fmt(h.valid_gap_batch_stats)})"),
+            ("BatchNorm running gap", f"{fmt(h.bn_gap)} in {h.bn_gap_where or DASH} "
+                                      f"(valid running ÷ batch {fmt(h.valid_running_over_batch)})"),
         )]
         lines.append(f"verdict: {item.level}")
         lines += [f"  - {reason}" for reason in item.verdict.reasons]

@@ -86,10 +86,8 @@ class Metrics(_Strict):
     params: int
     steps_per_epoch: int
     steps_completed: int
-    steps_total: int
-    # The OneCycle length runner.train records (more than steps_total with train.stop_after_epochs);
-    # absent in folders written before it was recorded.
-    schedule_steps: int | None = None
+    steps_total: int  # steps this run trains (stop_after_epochs of the schedule, or all of it)
+    schedule_steps: int  # the OneCycle schedule's length (steps_total unless the run stops early)
     batches: Batches
     epochs: list[Epoch]
     final: Final
@@ -111,6 +109,7 @@ class Metrics(_Strict):
             steps_per_epoch=0,
             steps_completed=0,
             steps_total=0,
+            schedule_steps=0,
             batches=Batches(loss=[], lr=[], grad_norm=[]),
             epochs=[],
             final=Final(train_loss=None, valid_loss=None, valid_loss_batch_stats=None),

@@ -256,3 +256,24 @@ def render(run_dir: str | Path, vae: str | Path | None = None) -> dict[str, Any]
     record["decode_seconds"] = round(time.perf_counter() - tic, 3)
     write_json(out / "samples.json", record)
     return record
+
+
+def grid_captions(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(grid file, caption) for each grid `sample_run` drew, numbers through the project's formatter.
+
+    A sampler whose samples are all non-finite has no mean or std: the caption says how many values
+    were non-finite instead of failing (the run itself trained fine).
+    """
+    from runner.text import fmt
+
+    captions = []
+    for name, file in record.get("grids", {}).items():
+        measured = record.get("samplers", {}).get(name)
+        if measured is None:
+            captions.append((file, name))
+            continue
+        bad = measured.get("nonfinite") or 0
+        text = f"{name}: mean {fmt(measured.get('mean'))}, std {fmt(measured.get('std'))}"
+        text += f", {fmt(bad)} non-finite values" if bad else ""
+        captions.append((file, f"{text}, {fmt(measured.get('seconds'))} s"))
+    return captions

@@ -30,6 +30,7 @@ from typing import Any
 from runner import views
 from runner.faults import kill_point
 from runner.files import read_json, recover_dir, replace_dir, write_text
+from runner.originals import OriginalRun, OriginalsError, load_original_results
 from runner.report import Report
 from runner.results import Run, load_runs
 from runner.sanitize import check_site, sanitize_site
@@ -156,8 +157,11 @@ def _render_all(
     w.page("index.md", "home.md.j2", **views.home(report, rows))
     for rel, template, context in views.comparisons(report, w.chart):
         w.page(rel, template, **context)
+    timestep = views.timestep_comparison(report, w.chart)
+    w.page("comparisons/timestep.md", "comparison_timestep.md.j2", **timestep)
     for group in views.PAGE_TITLES:
         w.page(f"insights/{group}.md", "insights_axis.md.j2", **views.axis_page(report, group, w.chart))
+    w.page("reproduction.md", "reproduction.md.j2", **views.reproduction(report, files, _originals()))
     w.page("insights/reading.md", "insights_reading.md.j2", **views.reading(report))
     w.page("insights/summary.md", "insights_summary.md.j2", **views.summary(report))
     w.page("insights/index.md", "insights.md.j2", **views.insights_index(report))
@@ -177,7 +181,17 @@ def _render_run(w: _Writer, e: views.Entry, report: Report) -> None:
     notebook = views.notebook_check(nb_path) if nb_path.is_file() else None
     if notebook is not None and notebook[0]:
         w.copy(nb_path, f"{base}/notebook.ipynb")
-    w.page(f"{base}/index.md", "experiment.md.j2", run=views.experiment_page(e, report, notebook))
+    diagnostics = views.run_diagnostics(run, w.chart, base)
+    page = views.experiment_page(e, report, notebook, diagnostics)
+    w.page(f"{base}/index.md", "experiment.md.j2", run=page)
+
+
+def _originals() -> dict[str, OriginalRun] | OriginalsError:
+    """The originals' printed losses (data/reference/); a malformed file is shown on the page, not fatal."""
+    try:
+        return load_original_results()
+    except (OriginalsError, OSError) as e:
+        return OriginalsError(str(e))
 
 
 # ---------------------------------------------------------------- building and the command line

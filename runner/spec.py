@@ -292,6 +292,11 @@ class TrainSpec(_Section):
         gt=1, le=1e6,
     )
     checkpoint: Literal["none", "final"] = "none"
+    # How the training forward runs: "none" eager; "default" or "reduce-overhead" through
+    # torch.compile with that mode ("reduce-overhead" replays CUDA graphs, which removes the kernel
+    # launch overhead of this small UNet on a GPU; on a CPU it compiles like "default" and gains
+    # nothing). Statistics hooks stay eager either way (see runner.stats), validation stays eager.
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
     @model_validator(mode="after")
     def _stop_within_schedule(self) -> TrainSpec:

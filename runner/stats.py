@@ -216,7 +216,11 @@ class ActivationStats:
         self._next_t = t.detach()
 
     # -- hooks
+    # Hooks run eagerly under torch.compile (train.compile): compiled, their step counters would
+    # become guards and force a recompile at every step; disabled, the model graph breaks around
+    # each watched module and the statistics are computed by the same eager code as without it.
 
+    @torch.compiler.disable
     def _begin_step(self, module: nn.Module, args: Any) -> None:
         t, self._next_t = self._next_t, None
         if not self.recording:
@@ -238,12 +242,14 @@ class ActivationStats:
             self._buf.begin_buckets(t)
             self._bucketed = True
 
+    @torch.compiler.disable
     def _end_step(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._active and self._buf is not None:
             self._buf.end_buckets(self._cur)
         self._active = False
 
     def _make_hook(self, j: int) -> Callable[[nn.Module, Any, Any], None]:
+        @torch.compiler.disable
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if self._active:
                 x = _first_tensor(out)

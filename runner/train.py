@@ -51,6 +51,11 @@ CPU_CHECK_EVERY = 1
 _STEP_FIRST = ("mean", "std", "steps", "bucket_mean", "bucket_std", "bucket_dead", "bucket_count")
 
 
+# The torch.compile backend for `train.compile` (CPU tests swap in "eager", which runs the graphs
+# dynamo captures without generating kernels, in seconds instead of minutes).
+COMPILE_BACKEND = "inductor"
+
+
 class PrecisionError(RuntimeError):
     """The spec asks for a numeric precision this device cannot run."""
 
@@ -95,6 +100,17 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 def train_loader(x: torch.Tensor, t: TrainSpec) -> BatchLoader:
     """The shuffled training batches of one spec; `t.last_batch` decides the last, smaller batch."""
     return BatchLoader(x, t.batch_size, shuffle=True, seed=t.seed, drop_last=t.last_batch == "drop")
+
+
+def training_forward(model: nn.Module, mode: str) -> nn.Module:
+    """The module the training step calls: `model` itself, or it compiled with `train.compile`'s mode.
+
+    The compiled module shares `model`'s parameters and hooks; only the training forward uses it
+    (validation switches BatchNorm modes, which would only add recompiles for two small passes).
+    """
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=mode, backend=COMPILE_BACKEND)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -319,6 +335,7 @@ def train(
 def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, progress: bool) -> None:
     spec, device = run.spec, run.device
     t = spec.train
+    forward = training_forward(model, t.compile)
     train_x, valid_x = splits.train.to(device), splits.valid.to(device)
     loader = train_loader(train_x, t)
     valid_loader = BatchLoader(valid_x, t.batch_size, shuffle=False, seed=0, drop_last=False)
@@ -358,7 +375,7 @@ def _loop(run: _Run, model: nn.Module, splits, stats: ActivationStats, amp, prog
             (xt, tt), noise = noiser(xb, gen)
             stats.set_timesteps(noiser.unit_time(tt))  # statistics by timestep bucket, for this forward
             with _autocast(device, amp):
-                pred = model(xt, tt)
+                pred = forward(xt, tt)
             loss = F.mse_loss(pred.float(), noise)
             grad_norm = _step(model, opt, scaler, loss)
             run.lrs.append(sched.get_last_lr()[0])

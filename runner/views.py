@@ -15,20 +15,40 @@ from typing import Any
 
 from runner import insights as ins
 from runner import prose
-from runner.charts import CAPTIONS, CHART_KINDS, TITLES
+from runner.charts import CAPTIONS, CHART_KINDS, TITLES, has_bn_gap, has_buckets
 from runner.insights import Assessed, AxisTable
 from runner.model_notes import model_notes
+from runner.originals import OriginalRun, OriginalsError, compare_losses, find_original
 from runner.report import Report
 from runner.results import Run
-from runner.spec import PROFILES, NoiseSpec, Spec, SpecError, TrainSpec, discover, load_spec
+from runner.spec import (
+    PROFILES,
+    NoiseSpec,
+    Spec,
+    SpecError,
+    TrainSpec,
+    describe_precision,
+    discover,
+    load_spec,
+)
 from runner.statsfile import BIN_WIDTH, HIST_BINS, HIST_RANGE
 from runner.text import DASH, fmt, slugs
 
 # The groups with an insight page (insights/<group>.md, listed in mkdocs.yml's nav), and their titles.
-PAGE_TITLES = {"architecture": "Layer architecture insights", "hyperparameters": "Hyperparameter insights"}
+PAGE_TITLES = {
+    "architecture": "Layer architecture insights",
+    "hyperparameters": "Hyperparameter insights",
+    "ablations": "Ablations of the open question",
+    "reproductions": "Reproductions of the original notebooks",
+}
+REPRODUCTION_TITLE = "Reproduction: our losses beside the originals'"
 SUMMARY_TITLE = "Writeup: what makes training healthy"
 READING_TITLE = "How to read activation statistics"
 INSIGHT_KINDS = ("stats", "hist", "dead", "loss")  # comparison charts per axis: activations first
+# Drawn only for the runs that recorded what they show (a BatchNorm gap, statistics by timestep).
+GAP_KINDS = ("bn_gap",)
+BUCKET_COMPARISON_KINDS = ("bucket_comparison_std", "bucket_comparison_dead")
+RUN_BUCKET_KINDS = ("buckets_std", "buckets_dead")
 EXAMPLE_KINDS = ("stats", "hist", "dead")  # the charts the home page and reading guide show examples of
 
 # charts(runs, kind, path relative to docs/) -> None when drawn, else the error text to show.
@@ -45,10 +65,15 @@ class SpecFile:
     path: str  # relative to the project root, as a command line would name it
     spec: Spec  # loaded with its first suite's profile (or "full" when it is in no suite)
     hashes: dict[str, str]  # profile -> content hash
+    full: Spec | None = None  # at the full profile: the original scale (data size, epochs, precision)
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def full_command(self) -> str:
+        return f"python -m runner run {self.path} --profile full"
 
     @property
     def command(self) -> str:
@@ -70,7 +95,9 @@ def spec_files(experiments: Path, root: Path) -> list[SpecFile]:
             if root.resolve() in path.resolve().parents
             else str(path)
         )
-        out.append(SpecFile(rel, specs[profile], {p: s.content_hash() for p, s in specs.items()}))
+        out.append(
+            SpecFile(rel, specs[profile], {p: s.content_hash() for p, s in specs.items()}, specs["full"])
+        )
     return out
 
 
@@ -214,8 +241,36 @@ def _anchor(report: Report, spec: Spec) -> tuple[str, str] | None:
     return (spec.group, slug) if slug else None
 
 
-def experiment_page(e: Entry, report: Report, notebook: tuple[bool, list[str]] | None) -> dict[str, Any]:
-    """Variables of experiment.md.j2 for a sound run (`e.run` with spec and metrics)."""
+def run_diagnostics(run: Run, charts: Charts, base: str) -> list[dict[str, str]]:
+    """Draw a run's diagnostic charts into `base` (its page's folder, relative to docs/): the BatchNorm gap
+    when it recorded one, the statistics by timestep when its stats.npz holds buckets; [] otherwise."""
+    kinds = [*(GAP_KINDS if has_bn_gap(run) else ()), *(RUN_BUCKET_KINDS if has_buckets(run) else ())]
+    out = []
+    for kind in kinds:
+        error = charts([run], kind, f"{base}/{kind}.png")
+        out.append({"file": f"{kind}.png", "kind": kind, "title": TITLES[kind], "caption": CAPTIONS[kind],
+                    "error": error})
+    return out
+
+
+def _epoch_rows(run: Run) -> list[dict[str, Any]]:
+    """metrics.json's epochs with the largest BatchNorm running gap of each (None: not measured)."""
+    rows = []
+    for e in run.metrics.epochs if run.metrics else []:
+        pairs = (e.bn_running_gap or {}).values()
+        gaps = [v for pair in pairs for v in (pair.mean, pair.var) if v is not None]
+        rows.append({**e.model_dump(exclude={"bn_running_gap"}), "largest_gap": max(gaps, default=None)})
+    return rows
+
+
+def experiment_page(
+    e: Entry,
+    report: Report,
+    notebook: tuple[bool, list[str]] | None,
+    diagnostics: Sequence[dict[str, str]] = (),
+) -> dict[str, Any]:
+    """Variables of experiment.md.j2 for a sound run (`e.run` with spec and metrics); `diagnostics` are
+    the charts `run_diagnostics` drew."""
     run, item = e.run, report.assessed[e.id]
     assert run is not None and run.spec is not None and run.metrics is not None
     m, text_spec = run.metrics, (e.spec_file.spec if e.spec_file else run.spec)
@@ -261,7 +316,12 @@ def experiment_page(e: Entry, report: Report, notebook: tuple[bool, list[str]] |
                 f"{k} {v}" for k in ("python", "torch", "diffusers") if (v := getattr(env, k)) is not None
             ),
         },
-        "epochs": [e.model_dump() for e in m.epochs],
+        "epochs": _epoch_rows(run),
+        "has_gap": any(e.bn_running_gap for e in m.epochs),
+        "precision_note": describe_precision(run.spec),
+        "reproduces": run.spec.reproduces,
+        "bn_sentence": prose.bn_gap_sentence(item.health),
+        "diagnostics": list(diagnostics),
         "charts": [
             {"file": f"{k}.png", "kind": k, "title": TITLES.get(k, k), "caption": CAPTIONS.get(k, "")}
             for k in ordered
@@ -383,8 +443,14 @@ def _row_view(row: ins.Row) -> dict[str, Any]:
 
 
 def _axis_charts(table: AxisTable, stem: str, charts: Charts) -> list[dict[str, str]]:
+    runs = [r.item.run for r in table.rows]
+    kinds = [
+        *INSIGHT_KINDS,
+        *(GAP_KINDS if any(has_bn_gap(r) for r in runs) else ()),
+        *(BUCKET_COMPARISON_KINDS if any(has_buckets(r) for r in runs) else ()),
+    ]
     out = []
-    for kind in INSIGHT_KINDS:
+    for kind in kinds:
         rel = f"charts/{stem}-{kind}.png"
         if charts([r.item.run for r in table.rows], kind, f"insights/{rel}") is None:
             out.append({"kind": kind, "title": TITLES[kind], "src": rel})
@@ -404,6 +470,7 @@ def axis_page(report: Report, group: str, charts: Charts) -> dict[str, Any]:
                 "name": t.axis,
                 "slug": report.axis_slugs[(group, t.axis)],
                 "sentences": list(report.sentences[(group, t.axis)]),
+                "questions": axis_questions(t),
                 "columns": list(t.columns),
                 "rows": [_row_view(r) for r in t.rows],
                 "charts": _axis_charts(t, f"{group}-{report.axis_slugs[(group, t.axis)]}", charts),
@@ -411,6 +478,120 @@ def axis_page(report: Report, group: str, charts: Charts) -> dict[str, Any]:
             for t in tables
         ],
     }
+
+
+QUESTION = "Question:"  # the paragraph of a spec's notes that states its axis's hypothesis, as a question
+
+
+def axis_questions(table: AxisTable) -> list[str]:
+    """The distinct "Question: ..." paragraphs of the notes of an axis's runs (its hypothesis, in order)."""
+    found = []
+    for row in table.rows:
+        for para in re.split(r"\n\s*\n", row.item.spec.notes.strip()):
+            text = " ".join(para.split())
+            if text.startswith(QUESTION):
+                found.append(text[len(QUESTION):].strip())
+    return list(dict.fromkeys(found))
+
+
+def timestep_comparison(report: Report, charts: Charts) -> dict[str, Any]:
+    """Variables of comparison_timestep.md.j2: per group, the runs with statistics by timestep, their
+    std and dead share per bucket compared (comparisons/timestep/<group slug>-<kind>.png)."""
+    groups = _groups(report)
+    names = slugs((name for name, _ in groups), default="group")
+    sections = []
+    for name, members in groups:
+        runs = [i.run for i in members if has_buckets(i.run)]
+        images = []
+        for kind in BUCKET_COMPARISON_KINDS if runs else ():
+            rel = f"timestep/{names[name]}-{kind}.png"
+            error = charts(runs, kind, f"comparisons/{rel}")
+            images.append({"title": TITLES[kind], "caption": CAPTIONS[kind], "src": None if error else rel,
+                           "error": error})
+        sections.append({"name": name, "ids": [r.id for r in runs],
+                         "without": [i.id for i in members if not has_buckets(i.run)], "images": images})
+    return {"title": "Statistics by timestep", "sections": sections}
+
+
+# ---------------------------------------------------------------- the reproduction page
+
+
+def _scale_gaps(ran: Spec, full: Spec | None) -> list[str]:
+    """What differs between the scale a run ran at and its spec's own (full-profile) scale."""
+    if full is None:
+        return [] if ran.profile == "full" else [f"profile {ran.profile}, not full"]
+    out = []
+    for what, ours, theirs in (
+        ("latents", ran.data.size, full.data.size),
+        ("epochs trained", ran.train.epochs_run, full.train.epochs_run),
+        ("epochs of the schedule", ran.train.epochs, full.train.epochs),
+        ("batch size", ran.train.batch_size, full.train.batch_size),
+    ):
+        if ours != theirs:
+            out.append(f"{what}: {fmt(ours)} here, {fmt(theirs)} at the original scale")
+    if ran.train.precision != full.train.precision:
+        out.append(f"precision: {ran.train.precision} here, {full.train.precision} at the original scale")
+    return out
+
+
+def _comparison_rows(run: Run, original: OriginalRun) -> list[dict[str, str]]:
+    ours = [e.model_dump() for e in run.metrics.epochs] if run.metrics else []
+    return [
+        {
+            "epoch": fmt(r.epoch),
+            **{k: fmt(getattr(r, k)) for k in ("ours_train", "theirs_train", "train_diff", "ours_valid",
+                                               "theirs_valid", "valid_diff")},
+        }
+        for r in compare_losses(ours, original.epochs)
+    ]
+
+
+def reproduction(
+    report: Report, files: Sequence[SpecFile], originals: dict[str, OriginalRun] | OriginalsError
+) -> dict[str, Any]:
+    """Variables of reproduction.md.j2: every sound run whose spec `reproduces` a notebook, its per-epoch
+    losses beside the notebook's with the differences and the scale it ran at; the reproducing specs not
+    run yet with the command that runs them at the original scale. `originals` is
+    runner.originals.load_original_results() (or the error that reading it gave)."""
+    by_id = {f.id: f for f in files}
+    runs = []
+    for item in report.assessed.values():
+        notebook = item.spec.reproduces
+        if not notebook:
+            continue
+        spec_file = by_id.get(item.id)
+        try:
+            if isinstance(originals, OriginalsError):
+                raise originals
+            original = find_original(originals, notebook)
+        except OriginalsError as err:
+            original, error = None, str(err)
+        else:
+            error = None
+        gaps = _scale_gaps(item.spec, spec_file.full if spec_file else None)
+        runs.append({
+            "id": item.id,
+            "title": item.spec.title or item.id,
+            "notebook": notebook,
+            "profile": item.spec.profile,
+            "status": item.run.metrics.status_text if item.run.metrics else item.run.status,
+            "precision": item.spec.train.precision,
+            "size": fmt(item.spec.data.size),
+            "epochs": fmt(item.spec.train.epochs_run),
+            "scale_gaps": gaps,
+            "command": spec_file.full_command if gaps and spec_file else None,
+            "error": error,
+            "segments": len(original.segments) if original else 0,
+            "rows": _comparison_rows(item.run, original) if original else [],
+        })
+    damaged = {r.id for r in report.damaged}
+    not_run = [
+        {"id": f.id, "title": f.spec.title or f.id, "notebook": f.spec.reproduces, "command": f.full_command,
+         "state": "damaged" if f.id in damaged else "not run"}
+        for f in files
+        if f.spec.reproduces and f.id not in report.assessed
+    ]
+    return {"title": REPRODUCTION_TITLE, "runs": runs, "not_run": not_run}
 
 
 def reading(report: Report) -> dict[str, Any]:
@@ -546,5 +727,6 @@ def method(report: Report, data_stats: dict[str, Any], suite_record: dict[str, A
         "measures": list(prose.MEASURES.items()),
         "thresholds": prose.threshold_texts(),
         "score_text": prose.SCORE_TEXT,
+        "bn_gap_text": prose.BN_GAP_LIMIT_TEXT,
         "window_share": f"{ins.WINDOW_SHARE:.0%}",
     }

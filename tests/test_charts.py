@@ -11,7 +11,16 @@ from matplotlib import _pylab_helpers
 from matplotlib.image import imread
 
 from runner import charts
-from runner.charts import CAPTIONS, CHART_KINDS, WRAP, comparison_chart, run_charts, short_name
+from runner.charts import (
+    CAPTIONS,
+    CHART_KINDS,
+    DIAGNOSTIC_KINDS,
+    TITLES,
+    WRAP,
+    comparison_chart,
+    run_charts,
+    short_name,
+)
 from runner.results import load_run
 from runner.spec import build_spec
 
@@ -50,6 +59,7 @@ def _metrics(
         "steps_per_epoch": SPE,
         "steps_completed": len(losses),
         "steps_total": STEPS,
+        "schedule_steps": STEPS,
         "batches": {"loss": losses, "lr": [1e-3] * len(losses), "grad_norm": [1.0] * len(losses)},
         "epochs": epochs,
         "final": {"train_loss": None, "valid_loss": None, "valid_loss_batch_stats": None},
@@ -251,7 +261,8 @@ def test_comparison_rejects_bad_arguments(ok_run: Path, tmp_path: Path) -> None:
 
 
 def test_captions_cover_every_kind() -> None:
-    assert set(CAPTIONS) == set(CHART_KINDS) and all(len(c) > 40 for c in CAPTIONS.values())
+    kinds = set(CHART_KINDS) | set(DIAGNOSTIC_KINDS)
+    assert set(CAPTIONS) == set(TITLES) == kinds and all(len(c) > 40 for c in CAPTIONS.values())
 
 
 def test_default_label_is_the_runs_id_not_its_folder(tmp_path):

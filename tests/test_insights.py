@@ -45,7 +45,7 @@ def make_metrics(loss: list[float | None], status: str = "completed", train: flo
     return Metrics.model_validate({
         "id": run_id, "title": run_id, "spec_hash": "0" * 16, "profile": "smoke", "status": status,
         "diverged_at_step": diverged_at, "error": error, "params": 1, "steps_per_epoch": n,
-        "steps_completed": n, "steps_total": n,
+        "steps_completed": n, "steps_total": n, "schedule_steps": n,
         "batches": {"loss": [None if v is None else float(v) for v in loss], "lr": [1e-3] * n,
                     "grad_norm": [1.0] * n},
         "epochs": [], "final": {"train_loss": train, "valid_loss": valid, "valid_loss_batch_stats": valid_bs},

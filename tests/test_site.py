@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
 XSS = "<script>alert(1)</script>"
 KINDS = ("loss", "stats", "hist", "dead")
-INSIGHT_PAGES = ("index", "summary", "architecture", "hyperparameters", "reading")
+INSIGHT_PAGES = (
+    "index", "summary", "architecture", "hyperparameters", "ablations", "reproductions", "reading"
+)
 
 
 # ---------------------------------------------------------------- fabricated run folders
@@ -87,6 +89,7 @@ def _metrics(spec, status: str, train: float | None, valid: float | None, error:
         "steps_per_epoch": 6,
         "steps_completed": steps,
         "steps_total": 6,
+        "schedule_steps": 6,
         "batches": {
             "loss": [1.0, 0.8, 0.7, 0.6, 0.55, 0.5][:steps],
             "lr": [1e-3] * steps,
@@ -218,7 +221,8 @@ def test_page_list_and_copied_files(built) -> None:
             "experiments/index.md",
             "comparisons/index.md",
             *(f"insights/{p}.md" for p in INSIGHT_PAGES),
-            *(f"comparisons/{k}.md" for k in KINDS),
+            *(f"comparisons/{k}.md" for k in (*KINDS, "timestep")),
+            "reproduction.md",
             *(f"experiments/{i}/index.md" for i in ("good-run", "bad-run", "failed-run", "no-metrics")),
         ]
     )
@@ -603,16 +607,22 @@ def _unresolved(site_dir: Path) -> list[str]:
     return bad
 
 
-@pytest.mark.slow
-def test_mkdocs_build_strict_and_links_resolve(built) -> None:
-    root = built["root"]
+def build_strict(root: Path, docs: Path) -> Path:
+    """`mkdocs build --strict` of `docs` with the project's mkdocs.yml into root/site; asserts that it
+    succeeds without warnings and returns the site folder."""
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    config.update(docs_dir=str(built["docs"]), site_dir=str(root / "site"))
+    config.update(docs_dir=str(docs), site_dir=str(root / "site"))
     (root / "mkdocs.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     proc = site.build_site(root / "mkdocs.yml", capture=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not re.search(r"^WARNING", proc.stderr, re.M), proc.stderr[-4000:]
-    site_dir = root / "site"
+    return root / "site"
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict_and_links_resolve(built) -> None:
+    root = built["root"]
+    site_dir = build_strict(root, built["docs"])
     for page in built["pages"]:
         assert (site_dir / page.relative_to(built["docs"]).with_suffix(".html")).is_file(), page
     for run_id in ("good-run", "bad-run"):

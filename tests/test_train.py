@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from runner.results import read_metrics
 from runner.spec import build_spec
-from runner.statsfile import load_stats
+from runner.statsfile import Stats, load_stats
 from runner.train import (
     DivergenceGuard,
     PrecisionError,
@@ -62,6 +63,11 @@ def test_run_folder_holds_metrics_stats_and_resolved_spec(tmp_path):
     assert stats.mean.shape[0] == metrics["steps_completed"] == 6
     assert stats.hist.shape[2] == 6 and len(stats.names) == stats.mean.shape[1] > 0
     assert result.metrics["final"]["valid_loss"] == epoch["valid_loss"]
+    # The reporting side's strict contract reads exactly what training wrote (gaps of a BatchNorm run too).
+    contract = read_metrics(tmp_path)
+    assert contract.schedule_steps == metrics["schedule_steps"] == 6
+    gaps = contract.epochs[-1].bn_running_gap
+    assert gaps and set(gaps) == set(epoch["bn_running_gap"])
 
 
 def test_group_norm_model_has_no_batch_stats_validation(tmp_path):
@@ -228,3 +234,51 @@ def test_stopping_after_k_epochs_follows_the_full_schedule_exactly(tmp_path):
     short = train(tiny("short", train={"epochs": 1}), tmp_path / "short", device="cpu", progress=False)
     assert part.metrics["batches"]["lr"] != short.metrics["batches"]["lr"]
     assert len(part.metrics["epochs"]) == 1
+
+
+def _step_stats_and_losses(tmp_path, name: str, compile_mode: str) -> tuple[Stats, list[float]]:
+    result = train(tiny(name, train={"compile": compile_mode}), tmp_path / name, device="cpu", progress=False)
+    assert result.status == "completed"
+    return load_stats(tmp_path / name / "stats.npz"), result.metrics["batches"]["loss"]
+
+
+def test_compiled_training_step_keeps_the_statistics_of_eager(tmp_path, monkeypatch, one_thread):
+    """train.compile traces the training forward with the statistics hooks left eager (graph breaks
+    around each watched module): the same statistics as eager, and no recompile per step (the hooks'
+    step counters would otherwise become guards). The "eager" backend runs the very graphs dynamo
+    hands to inductor, without the minutes of kernel generation (inductor's own numerics and CUDA
+    graphs are checked on a GPU below)."""
+    import runner.train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, eager_losses = _step_stats_and_losses(tmp_path, "eager", "none")
+    compiled, losses = _step_stats_and_losses(tmp_path, "compiled", "default")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= 2 * (len(compiled.names) + 2), f"{graphs} graphs: recompiled per step"
+    assert compiled.names == eager.names and compiled.mean.shape == eager.mean.shape == (6, 8)
+    # Step 0 sees the same weights and batch: identical statistics. Later steps follow weights
+    # updated by a traced backward, equal up to float rounding.
+    for key in ("mean", "std"):
+        assert np.array_equal(getattr(compiled, key)[0], getattr(eager, key)[0])
+        np.testing.assert_allclose(getattr(compiled, key), getattr(eager, key), rtol=1e-4, atol=1e-6)
+    assert np.array_equal(compiled.hist[..., 0], eager.hist[..., 0])
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_step_keeps_the_statistics_of_eager(tmp_path):
+    def run(name: str, mode: str):
+        spec = tiny(name, train={"compile": mode})
+        result = train(spec, tmp_path / name, device="cuda", progress=False)
+        assert result.status == "completed"
+        return load_stats(tmp_path / name / "stats.npz")
+
+    eager, graphed = run("eager", "none"), run("graphed", "reduce-overhead")
+    # Fused kernels round differently from eager ones: equal to float rounding, histograms to a
+    # handful of values sitting on a bin edge.
+    np.testing.assert_allclose(graphed.mean, eager.mean, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(graphed.std, eager.std, rtol=1e-3, atol=1e-5)
+    moved = np.abs(graphed.hist.astype(np.int64) - eager.hist).sum()
+    assert moved <= 1e-3 * eager.hist.sum()
