@@ -83,8 +83,10 @@ def sanitize_notebook_page(html: str) -> str | None:
             cleaned = BeautifulSoup(clean_fragment(block.decode_contents()), "html.parser")
             block.clear()
             block.append(cleaned)
-        for cell in wrapper.find_all(class_="jp-Cell"):
-            for el in cell.find_all(ACTIVE):
+        # Whatever a cell's outputs and Markdown hold beyond those blocks (the input area is code that
+        # Pygments escaped, beside the template's copy button and its icon).
+        for area in wrapper.find_all(class_=["jp-OutputArea", "jp-MarkdownCell"]):
+            for el in area.find_all(ACTIVE):
                 if not (el.name == "img" and _data_image(el.get("src", ""))):
                     el.decompose()
         for el in wrapper.find_all(True):

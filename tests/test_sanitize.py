@@ -81,7 +81,7 @@ def test_notebook_page_is_sanitised(tmp_path) -> None:
             for k, v in el.attrs.items() if k != "xmlns" and ":" in str(v) and "//" in str(v)]
     assert urls == [], "no link or resource elsewhere is left in a notebook"
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in clean  # the stream output: escaped text
-    assert "clipboard-copy" in clean  # the template's own copy button survives
+    assert "clipboard-copy-icon" in clean  # the template's own copy button survives, with its icon
     assert sanitize_notebook_page("<html><body><p>no notebook</p></body></html>") is None
 
 
