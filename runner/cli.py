@@ -171,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
         help="published snapshots to show beside the local runs: 'auto' (default: every snapshot under "
         "published/), 'none', or a snapshot folder such as published/quick (repeatable)",
     )
+    p.add_argument("--config", help="the project's mkdocs.yml (default: this project's); docs_dir and "
+                   "site_dir are read from it, experiments/ is beside it")
     p.set_defaults(func=_site)
 
     p = sub.add_parser("publish", help="write a compact snapshot of results/ into published/NAME/")

@@ -50,7 +50,7 @@ KERNEL = "python3"
 CACHEABLE = ("completed", "diverged")
 # Modules that only render reports from finished runs: their source is not part of the cache key.
 # (The notebook prints a run's verdict through runner.report, so the analysis modules are in the key.)
-REPORT_ONLY = frozenset({"site.py", "views.py", "templating.py"})
+REPORT_ONLY = frozenset({"site.py", "views.py", "templating.py", "sanitize.py"})
 # Temporary folders in results/: `.<id>.run-XXXX` (a run being written), `.<id>.old-XXXX` (a
 # previous run set aside during an install). Ids never contain a dot, so the id is recoverable.
 RUN_TAG, OLD_TAG = ".run-", ".old-"

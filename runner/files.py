@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runner.faults import kill_point
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file in `path`'s folder, then rename it over `path`."""
@@ -120,13 +122,16 @@ def replace_dir(staged: Path, target: Path) -> None:
     if not staged.is_dir():
         raise NotADirectoryError(f"replace_dir: staged folder {staged} does not exist")
     recover_dir(target)
+    kill_point("swap")  # crash-safety tests: killed before the swap (each swap reaches this point twice)
     if not target.exists():
         staged.rename(target)
         return
     if _exchange(staged, target):
+        kill_point("swap")  # swapped, the previous folder (now in `staged`) not yet deleted
         shutil.rmtree(staged)
         return
     old = target.with_name(target.name + OLD_SUFFIX)
     target.rename(old)
+    kill_point("swap")  # between the fallback's two renames
     staged.rename(target)
     shutil.rmtree(old)

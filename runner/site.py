@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from runner import views, writeup
+from runner.faults import kill_point
 from runner.files import read_json, recover_dir, replace_dir, write_text
 from runner.originals import OriginalRun, OriginalsError, load_original_results
 from runner.publish import PUBLISHED, find_snapshots, read_snapshot_manifest
 from runner.report import Report
 from runner.results import SAMPLES_DIR, Run, load_runs, with_published
+from runner.sanitize import check_site, sanitize_site
 from runner.spec import SAFE_ID
 from runner.templating import environment
 
@@ -80,6 +82,7 @@ class _Writer:
         self.figures = figures
 
     def page(self, rel: str, template: str, **context: Any) -> None:
+        kill_point("render")
         write_text(self.stage / rel, self.env.get_template(template).render(**context))
         self.pages.append(rel)
 
@@ -221,18 +224,16 @@ def _originals() -> dict[str, OriginalRun] | OriginalsError:
 def build_site(config: Path, capture: bool = False) -> subprocess.CompletedProcess[str]:
     """`mkdocs build --strict -f config` into a staging folder, swapped in as the config's site_dir
     only when the build succeeded (a failed build keeps the previous site)."""
-    import yaml
-
     config = Path(config)
-    site_dir = config.parent / str(
-        (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("site_dir", "site")
-    )
+    site_dir = config_dir(config, "site_dir", "site")
     clean_staging(site_dir)
     stage = _new_stage(site_dir)
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "--site-dir", str(stage)]
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # silence Material's end-of-life banner in logs
     try:
         proc = subprocess.run(cmd, cwd=config.parent, env=env, capture_output=capture, text=True, check=False)
+        if proc.returncode == 0:
+            proc = _sanitized(proc, stage)
         if proc.returncode == 0:
             replace_dir(stage, site_dir)
     finally:
@@ -259,6 +260,26 @@ def published_folders(choices: Sequence[str], root: Path = PUBLISHED) -> list[Pa
     return out
 
 
+def config_dir(config: Path, key: str, default: str) -> Path:
+    """A folder named in an mkdocs.yml (docs_dir, site_dir), relative to the config's folder."""
+    import yaml
+
+    config = Path(config)
+    return config.parent / str((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get(key, default))
+
+
+def _sanitized(proc: subprocess.CompletedProcess[str], stage: Path) -> subprocess.CompletedProcess[str]:
+    """Sanitise the notebook pages of a built site, then scan every page (runner.sanitize); a problem
+    left fails the build loudly, with each page and what it holds, and the site is not swapped in."""
+    sanitize_site(stage)
+    problems = check_site(stage)
+    if not problems:
+        return proc
+    report = "unsafe HTML in the built site (not published):\n" + "\n".join(f"  {p}" for p in problems)
+    print(report, file=sys.stderr)
+    return subprocess.CompletedProcess(proc.args, 1, proc.stdout, (proc.stderr or "") + report + "\n")
+
+
 def main(args: argparse.Namespace) -> int:
     """`python -m runner site`: render docs/ from --results, then build site/ (skipped with --no-build).
     Exit status: 0 ok, 2 results that cannot become pages, else mkdocs' own."""
@@ -266,13 +287,20 @@ def main(args: argparse.Namespace) -> int:
 
     results = Path(args.results)
     suite_path = results / "suite.json"
+    # --config: another project's mkdocs.yml (its docs/, site/ and experiments/ beside it), e.g. in tests.
+    config = Path(getattr(args, "config", None) or ROOT / "mkdocs.yml")
+    if getattr(args, "config", None) and not config.is_file():
+        print(f"--config {config}: no such file (expected the project's mkdocs.yml)", file=sys.stderr)
+        return 2
+    project = config.parent
+    docs = config_dir(config, "docs_dir", "docs") if config.is_file() else project / "docs"
     try:
-        published = published_folders(getattr(args, "published", None) or ["auto"], ROOT / "published")
+        published = published_folders(getattr(args, "published", None) or ["auto"], project / "published")
         pages = render_site(
             results,
-            ROOT / "docs",
+            docs,
             comparison_chart,
-            spec_files=views.spec_files(ROOT / "experiments", ROOT),
+            spec_files=views.spec_files(project / "experiments", project),
             suite_record=read_json(suite_path) if suite_path.is_file() else None,
             data_stats=read_json(DATA_STATS) if DATA_STATS.is_file() else None,
             published=published,
@@ -282,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     shown = f" and {len(published)} published snapshot(s)" if published else ""
-    print(f"rendered {len(pages)} pages into {ROOT / 'docs'} from {results}{shown}")
+    print(f"rendered {len(pages)} pages into {docs} from {results}{shown}")
     if getattr(args, "no_build", False):
         return 0
-    return build_site(ROOT / "mkdocs.yml").returncode
+    return build_site(config).returncode

@@ -9,28 +9,15 @@ Undefined variables raise (StrictUndefined). Numbers go through runner.text.fmt 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from runner.text import duration, fmt, sort_key
+from runner.text import duration, fmt, md_text, sort_key  # md_text: also the notebook's escaping
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates" / "site"
-
-# Python-Markdown's backslash escapes (plus '|' from the tables extension).
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
-
-
-def md_text(value: Any) -> Markup:
-    """Untrusted text for a Markdown context (heading, paragraph, alt text): whitespace collapsed to one
-    line, Markdown punctuation backslash-escaped, then HTML-escaped (in that order, so entities such as
-    &#39; keep their '#')."""
-    text = " ".join(str(value).split())
-    return Markup(escape(_MD_SPECIAL.sub(r"\\\1", text)))
-
 
 def meta_title(value: Any) -> Markup:
     """A page title for YAML front matter. MkDocs would otherwise take the title from the H1 and the

@@ -1,4 +1,5 @@
-"""The project's one number format and one slug function (pages, sentences, tables, charts, notebook).
+"""The project's one number format, one slug function and one escaping of untrusted text for Markdown
+(`md_text`), used by pages, sentences, tables, charts and the notebook.
 
 A value shown anywhere goes through `fmt`, so the same number never reads "1230" on one page and
 "1.23e+03" on another, and a sentence never states a number its table shows differently.
@@ -11,7 +12,12 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from markupsafe import Markup, escape
+
 DASH = "\u2014"
+# Python-Markdown's backslash escapes (plus '|' from the tables extension); CommonMark renderers
+# (mistune in nbconvert) honour the same escapes.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
 _COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve")
 
@@ -95,3 +101,12 @@ def duration(seconds: Any) -> str:
         return f"{seconds:.1f} s"
     minutes, s = divmod(round(seconds), 60)
     return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def md_text(value: Any) -> Markup:
+    """Untrusted text for a Markdown context (heading, paragraph, table cell, alt text), on the site's
+    pages (the ``md`` filter) and in the notebook's Markdown output alike: whitespace collapsed to one
+    line (a newline cannot start a new block), Markdown punctuation backslash-escaped (no link, image or
+    emphasis), then HTML-escaped (in that order, so entities such as &#39; keep their '#')."""
+    text = " ".join(str(value).split())
+    return Markup(escape(_MD_SPECIAL.sub(r"\\\1", text)))

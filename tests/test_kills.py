@@ -11,13 +11,21 @@ rerun of the one before, so every finished run is trained once), then an ordinar
 - the last run trains nothing and ends with all three runs current and a fresh, complete suite.json.
 
 Run `b` starts with a previous run already in place (made by hand, with a stale key), so its
-install swaps an old complete run for the new one. Adding a point (e.g. the site's `render` and
-`swap`): put `kill_point("NAME")` in the code and a `Point` in CHAIN, with the command it runs in.
+install swaps an old complete run for the new one. Adding a point: put `kill_point("NAME")` in the
+code and a `Point` in CHAIN (or SITE_CHAIN), with the command it runs in.
+
+Then `python -m runner site` (the project's own mkdocs.yml, docs/ and site/) is killed at the site's
+points, each kill followed by a rerun: while rendering pages (`render`), and in the swaps of docs/ and
+site/ (`swap`, in runner.files.replace_dir: reached before each swap and after the exchange, before the
+previous folder is deleted). After each kill the previous complete site is still there (untouched when
+the kill came before site/ was swapped), docs/ is complete; each rerun ends with a complete site (every
+page present, every link resolving) and no staging folder left.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_site import _unresolved  # the link and image checker of the site tests
 
 from runner.execute import cache_key, cache_miss
 from runner.files import read_json, write_json
@@ -60,6 +69,18 @@ CHAIN = [
 ]
 
 
+# (RUNNER_KILL_AT, what was there before): each kill of `python -m runner site` is followed by a rerun.
+SITE_CHAIN = [
+    Point("render:2", trains=(), command="site"),  # the first site: no docs/ or site/ yet
+    # A complete site is in place from here on. (swap:1, before docs/ is swapped, leaves what a kill
+    # while rendering leaves: a staging folder; left out to keep CI time down.)
+    Point("swap:2", trains=(), command="site"),  # docs/ exchanged, the previous one not yet deleted
+    Point("swap:3", trains=(), command="site"),  # site/ built and checked, not swapped in
+    Point("swap:4", trains=(), command="site"),  # site/ exchanged: the new one is in place
+]
+MARK = ".complete-before-the-kill"  # put into each complete site/: still there if the kill kept it
+
+
 def _env(kill_at: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("RUNNER_KILL_AT", None)
@@ -82,6 +103,30 @@ def _run(project: Path, kill_at: str | None = None) -> subprocess.CompletedProce
         timeout=600,
         start_new_session=True,
     )
+
+
+def _site(project: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "runner", "site", "--results", str(project / "results")]
+    command += ["--config", str(project / "mkdocs.yml")]
+    return subprocess.run(command, cwd=project, env=_env(kill_at), capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+
+
+def _complete_site(project: Path) -> None:
+    """docs/ and site/ each hold every page, and every link and image of the site resolves."""
+    docs, site = project / "docs", project / "site"
+    for spec_id in IDS:
+        assert (docs / "experiments" / spec_id / "index.md").is_file(), spec_id
+        assert (site / "experiments" / spec_id / "index.html").is_file(), spec_id
+        assert (site / "experiments" / spec_id / "notebook.html").is_file(), spec_id
+    for page in ("index", "experiments/index", "method", "insights/index", "comparisons/index"):
+        assert (docs / f"{page}.md").is_file() and (site / f"{page}.html").is_file(), page
+    assert (docs / "assets" / "sort.js").is_file(), "the hand-written assets were lost"
+    assert _unresolved(site) == []
+
+
+def _leftovers(project: Path) -> list[str]:
+    return sorted(p.name for p in project.iterdir() if ".staging-" in p.name or p.name.endswith(".old"))
 
 
 def _published(results: Path) -> list[Path]:
@@ -136,3 +181,22 @@ def test_kills_lose_nothing_and_retrain_nothing_finished(tmp_path):
     assert (results / "suite.json").stat().st_mtime >= start - 1 and suite["complete"]
     assert [(r["status"], r["cached"]) for r in suite["runs"]] == [("completed", True)] * 3
     assert not [p.name for p in results.iterdir() if p.name.startswith(".") and p.is_dir()]
+
+    shutil.copy(ROOT / "mkdocs.yml", project / "mkdocs.yml")
+    shutil.copytree(ROOT / "docs" / "assets", project / "docs" / "assets")
+    for point in SITE_CHAIN:
+        had_site = (project / "site").is_dir()
+        killed = _site(project, kill_at=point.kill_at)
+        assert killed.returncode == -9, f"not killed at {point.kill_at}:\n{killed.stderr[-3000:]}"
+        if had_site:
+            _complete_site(project)
+            kept = (project / "site" / MARK).is_file()
+            assert kept == (point.kill_at != "swap:4"), f"{point.kill_at}: previous site kept: {kept}"
+        else:
+            assert not (project / "site").exists(), "a site from a killed first build"
+        rerun = _site(project)
+        assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+        _complete_site(project)
+        assert _leftovers(project) == [], f"after the kill at {point.kill_at}"
+        assert not (project / "site" / MARK).exists(), "the rerun did not publish a new site"
+        (project / "site" / MARK).write_text(point.kill_at)
