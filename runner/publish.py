@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from runner import __version__
+from runner.figcache import FIGURES
 from runner.files import replace_dir, write_json
 from runner.manifest import MANIFEST, manifest_key, sha256_file, verify, write_manifest
 from runner.results import (
@@ -117,6 +118,25 @@ def _copy_charts(run: Run, out: Path) -> None:
     for stem, png in run.charts.items():
         (out / "charts").mkdir(exist_ok=True)
         shutil.copyfile(png, out / "charts" / f"{stem}.png")
+
+
+def _draw_figures(stage: Path) -> dict[str, int]:
+    """Draw every figure the site shows of this snapshot alone into its _figures/ store (the site is
+    rendered into a temporary folder and thrown away), so that `runner site` serves them instead of
+    drawing them (runner.figcache). The number of figures and their bytes."""
+    import tempfile
+
+    from runner import views
+    from runner.charts import comparison_chart, writeup_figure
+    from runner.figcache import FigureCache
+    from runner.site import render_site
+
+    cache = FigureCache([stage], mode="store")
+    with tempfile.TemporaryDirectory() as tmp:
+        render_site(Path(tmp) / "results", Path(tmp) / "docs", cache.chart(comparison_chart),
+                    spec_files=views.spec_files(ROOT / "experiments", ROOT), published=[stage],
+                    figures=cache.figure(writeup_figure))
+    return cache.save()
 
 
 def content_size(paths: list[Path]) -> int:
@@ -214,6 +234,9 @@ def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = 
         if not entries:
             raise PublishError(f"{results}: no run folder is sound enough to publish "
                                f"({len(left_out)} left out)")
+        print(f"drawing the site's figures of these {len(sound)} runs into {FIGURES}/", flush=True)
+        figures = _draw_figures(stage)
+        print(f"{figures['figures']} figures, {fmt(figures['bytes'] / 1e6)} MB", flush=True)
         decision = _charts_decision(charts, sound, stage, max_mb * 1e6)
         for run, entry in zip(sound, entries, strict=True):
             if decision == "copied":
@@ -225,10 +248,12 @@ def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = 
             biggest = sorted(entries, key=lambda e: -e["bytes"])[:3]
             names = ", ".join(f"{e['id']} {fmt(e['bytes'] / 1e6)} MB" for e in biggest)
             raise PublishError(f"snapshot {name}: {fmt(size / 1e6)} MB is over the {fmt(max_mb)} MB limit "
-                               f"(largest: {names}); try --charts none, fewer --max-rows, or fewer runs")
+                               f"(largest: {names}; figures {fmt(figures['bytes'] / 1e6)} MB); try --charts "
+                               "none, fewer --max-rows, or fewer runs")
         if decision != "copied":
             print(f"charts {decision}", file=sys.stderr)
         manifest = _manifest(name, runs, entries, left_out, decision)
+        manifest["figures"] = figures
         manifest.update(size_bytes=size, size_on_disk_bytes=sum(p.stat().st_size for p in _files(stage)),
                         max_rows=limit)
         write_json(stage / SNAPSHOT_MANIFEST, manifest)

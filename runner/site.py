@@ -284,6 +284,7 @@ def main(args: argparse.Namespace) -> int:
     """`python -m runner site`: render docs/ from --results, then build site/ (skipped with --no-build).
     Exit status: 0 ok, 2 results that cannot become pages, else mkdocs' own."""
     from runner.charts import comparison_chart, writeup_figure
+    from runner.figcache import FigureCache
 
     results = Path(args.results)
     suite_path = results / "suite.json"
@@ -296,21 +297,25 @@ def main(args: argparse.Namespace) -> int:
     docs = config_dir(config, "docs_dir", "docs") if config.is_file() else project / "docs"
     try:
         published = published_folders(getattr(args, "published", None) or ["auto"], project / "published")
+        cache = FigureCache(published)  # the figures `runner publish` drew for each snapshot
         pages = render_site(
             results,
             docs,
-            comparison_chart,
+            cache.chart(comparison_chart),
             spec_files=views.spec_files(project / "experiments", project),
             suite_record=read_json(suite_path) if suite_path.is_file() else None,
             data_stats=read_json(DATA_STATS) if DATA_STATS.is_file() else None,
             published=published,
-            figures=writeup_figure,
+            figures=cache.figure(writeup_figure),
         )
     except SiteError as e:
         print(e, file=sys.stderr)
         return 2
     shown = f" and {len(published)} published snapshot(s)" if published else ""
-    print(f"rendered {len(pages)} pages into {docs} from {results}{shown}")
+    n = cache.counts
+    print(f"rendered {len(pages)} pages into {docs} from {results}{shown}; figures: {n['served']} from "
+          f"the snapshots' stores, {n['drawn']} drawn, {n['reused']} reused"
+          + (f" ({n['rejected']} stored ones failed their check and were redrawn)" if n["rejected"] else ""))
     if getattr(args, "no_build", False):
         return 0
     return build_site(config).returncode
