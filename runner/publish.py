@@ -2,7 +2,8 @@
 
     results/<id>/ --runner.results.load_runs + runner.manifest.verify--> sound runs
       --> staging folder: per run spec.yaml, metrics.json, stats.npz (at most MAX_ROWS rows, with their
-          step indices), samples/ (samples.json and the grids), charts/ (as drawn), manifest.json
+          step indices), samples/ (samples.json and the grids), charts/ (as drawn), manifest.json;
+          _figures/ (every figure the site shows of this snapshot alone, drawn once: runner.figcache)
       --> published/NAME/manifest.json (commit, date, device, profile, precision, wall time per run,
           versions, the runs and the runs left out) --runner.files.replace_dir--> published/NAME/
 
@@ -321,5 +322,6 @@ def main(args: argparse.Namespace) -> int:
     m = snap.manifest
     print(f"published {len(m['runs'])} runs into {snap.path}: {fmt(snap.size_bytes / 1e6)} MB of distinct "
           f"files ({fmt(m['size_on_disk_bytes'] / 1e6)} MB on disk); profile {m['profile']}, device "
-          f"{m['device']}; charts {m['charts']}; {len(m['left_out'])} left out")
+          f"{m['device']}; charts {m['charts']}; {m['figures']['figures']} figures "
+          f"({fmt(m['figures']['bytes'] / 1e6)} MB); {len(m['left_out'])} left out")
     return 0
