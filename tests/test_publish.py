@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
-from test_site import _unresolved
+from test_site import _unresolved, build_strict
 
 from runner import site
 from runner.charts import writeup_figure
@@ -226,13 +225,7 @@ def built(snapshot) -> dict:
     shutil.copytree(ROOT / "docs" / "assets", docs / "assets")
     pages = site.render_site(local, docs, placeholder, published=[snapshot["folder"]],
                              figures=writeup_figure)
-    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    config.update(docs_dir=str(docs), site_dir=str(root / "site"))
-    (root / "mkdocs.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    proc = site.build_site(root / "mkdocs.yml", capture=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert not re.search(r"^WARNING", proc.stderr, re.M), proc.stderr[-4000:]
-    return {"site": root / "site", "docs": docs, "pages": pages}
+    return {"site": build_strict(root, docs), "docs": docs, "pages": pages}
 
 
 def test_every_published_experiment_shows_its_samples_beside_real_latents(built) -> None:
