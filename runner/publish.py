@@ -2,7 +2,8 @@
 
     results/<id>/ --runner.results.load_runs + runner.manifest.verify--> sound runs
       --> staging folder: per run spec.yaml, metrics.json, stats.npz (at most MAX_ROWS rows, with their
-          step indices), samples/ (samples.json and the grids), charts/ (as drawn), manifest.json;
+          step indices), samples/ (samples.json and the grids), charts/ (redrawn from the snapshot's
+          statistics), manifest.json;
           _figures/ (every figure the site shows of this snapshot alone, drawn once: runner.figcache)
       --> published/NAME/manifest.json (commit, date, device, profile, precision, wall time per run,
           versions, the runs and the runs left out) --runner.files.replace_dir--> published/NAME/
@@ -11,8 +12,9 @@ Each run folder of a snapshot is a run folder of the contract (`runner.results.l
 its own manifest.json lists its files), so the Report, the charts and the pages work on it unchanged.
 Runs whose folder is damaged, or whose manifest does not verify, are reported and left out. A snapshot
 larger than the limit is refused (nothing is written): the site is meant to be cloned and built. Its
-size is that of its distinct file contents, which is what the repository stores; the runs' charts are
-copied when they fit (--charts auto), since the comparison pages redraw every run from its statistics.
+size is that of its distinct file contents, which is what the repository stores; each run's own charts
+are redrawn from the snapshot's statistics (small palette PNGs, the same rows the pages read) and kept
+when they fit (--charts auto), dropped with --charts none.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "published"
 MAX_ROWS = 300
 MAX_MB = 20.0
-CHART_MODES = ("auto", "copy", "none")
+CHART_MODES = ("auto", "draw", "none")
 SNAPSHOT_MANIFEST = MANIFEST  # published/NAME/manifest.json (the run folders have their own)
 
 
@@ -115,10 +117,11 @@ def _publish_run(run: Run, out: Path, limit: int) -> dict[str, Any]:
     }
 
 
-def _copy_charts(run: Run, out: Path) -> None:
-    for stem, png in run.charts.items():
-        (out / "charts").mkdir(exist_ok=True)
-        shutil.copyfile(png, out / "charts" / f"{stem}.png")
+def _draw_run_charts(out: Path) -> None:
+    """The run's own charts (loss, stats, hist, dead), drawn from the snapshot run folder `out` itself."""
+    from runner.charts import run_charts
+
+    run_charts(out)
 
 
 def _draw_figures(stage: Path) -> dict[str, int]:
@@ -160,15 +163,17 @@ def _left_out(run: Run) -> str | None:
 
 
 def _charts_decision(mode: str, runs: list[Run], stage: Path, max_bytes: float) -> str:
-    """"copied" or why not: with --charts auto, the runs' charts are copied only when the snapshot still
-    fits the size limit with them."""
+    """Draw each run's charts into the staging folder unless --charts none; with --charts auto they are
+    kept only when the snapshot still fits the size limit with them. Returns what happened."""
     if mode == "none":
         return "left out (--charts none)"
-    if mode == "copy":
-        return "copied"
-    with_charts = content_size(_files(stage) + [p for r in runs for p in r.charts.values()])
-    if with_charts <= max_bytes:
-        return "copied"
+    for run in runs:
+        _draw_run_charts(stage / run.id)
+    with_charts = content_size(_files(stage))
+    if mode == "draw" or with_charts <= max_bytes:
+        return "drawn from the snapshot's statistics"
+    for run in runs:
+        shutil.rmtree(stage / run.id / "charts", ignore_errors=True)
     return f"left out: {fmt(with_charts / 1e6)} MB with them is over the limit"
 
 
@@ -240,8 +245,6 @@ def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = 
         print(f"{figures['figures']} figures, {fmt(figures['bytes'] / 1e6)} MB", flush=True)
         decision = _charts_decision(charts, sound, stage, max_mb * 1e6)
         for run, entry in zip(sound, entries, strict=True):
-            if decision == "copied":
-                _copy_charts(run, stage / run.id)
             write_manifest(stage / run.id, {"published_from": manifest_key(run.folder) or {}})
             entry["bytes"] = content_size(_files(stage / run.id))
         size = content_size(_files(stage))
@@ -251,7 +254,7 @@ def publish(results: Path, name: str, out_root: Path = PUBLISHED, charts: str = 
             raise PublishError(f"snapshot {name}: {fmt(size / 1e6)} MB is over the {fmt(max_mb)} MB limit "
                                f"(largest: {names}; figures {fmt(figures['bytes'] / 1e6)} MB); try --charts "
                                "none, fewer --max-rows, or fewer runs")
-        if decision != "copied":
+        if decision.startswith("left out"):
             print(f"charts {decision}", file=sys.stderr)
         manifest = _manifest(name, runs, entries, left_out, decision)
         manifest["figures"] = figures
