@@ -110,6 +110,8 @@ SITE_DEPS = (
     "pyyaml>=6.0",
     "pydantic>=2.5",
     "pillow>=10",
+    "bleach>=6",  # runner/sanitize.py cleans the built notebook pages
+    "beautifulsoup4>=4.12",
 )
 
 
