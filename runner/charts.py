@@ -55,7 +55,7 @@ CAPTIONS = {
 }
 
 DPI = 120
-PALETTE_COLOURS = 256  # see _save
+PALETTE_COLOURS = 48  # see _save
 WIDTH = 11.0  # inches: fills a laptop screen at DPI without being scaled down by the browser
 MAX_WIDTH = 30.0  # a cap on figure width (grids wrap at WRAP panels, so this is rarely reached)
 WRAP = 6  # module small multiples per row: legible at the site's content width
@@ -340,7 +340,7 @@ def _fix_outer_labels(axes: np.ndarray, drawn: np.ndarray) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Write the PNG atomically (a page never links half a chart), as a 256-colour palette image.
+    """Write the PNG atomically (a page never links half a chart), as a 48-colour palette image.
 
     Charts are flat colours, lines and one colormap, so a palette loses nothing a reader sees and makes
     the file about 3x smaller: the published snapshot stores every figure and must stay small.
